@@ -1,0 +1,26 @@
+# Two entry points that work on a fresh machine with only Python and the package
+# registries: `make demo` (the main job) and `make test`. Both create .venv on first use
+# and install the exact tested versions from constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[tfds,test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bdjax demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15
+
+clean:
+	rm -rf $(VENV) runs
