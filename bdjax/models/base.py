@@ -1,0 +1,104 @@
+"""A classifier = a static flax module + the normalisation it expects.
+
+The model state is an explicit pytree ``{"params", "batch_stats"}``; nothing here holds
+mutable state. Inputs to :meth:`Model.apply` are images in [0, 1] pixel space (float) or
+uint8; normalisation happens inside, so attacks and PGD can work in pixel space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Hashable description of a classifier (usable as a static jit argument).
+
+    Attributes:
+      name: registry name.
+      num_classes: output width.
+      mean, std: per-channel normalisation in [0, 1] units.
+      image_shape: (H, W, C) of inputs.
+      dtype: compute dtype name ("float32" or "bfloat16"); parameters stay float32.
+    """
+
+    name: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_shape: tuple[int, int, int] = (32, 32, 3)
+    dtype: str = "float32"
+
+    @property
+    def spec(self) -> "ModelSpec":
+        from bdjax.models import _REGISTRY
+
+        return _REGISTRY[self.name]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.spec.build(self.num_classes, jnp.dtype(self.dtype))
+
+    def init(self, key: jax.Array) -> State:
+        """Fresh float32 state ``{"params", "batch_stats"}`` (compiled: eager init of a
+        conv net dispatches hundreds of small ops and takes seconds on a CPU)."""
+        return _init(self, key)
+
+    def normalize(self, x: jax.Array) -> jax.Array:
+        if x.dtype == jnp.uint8:
+            x = x.astype(jnp.float32) / 255.0
+        mean = jnp.asarray(self.mean, jnp.float32)
+        std = jnp.asarray(self.std, jnp.float32)
+        return ((x - mean) / std).astype(jnp.dtype(self.dtype))
+
+    def apply(self, state: State, x: jax.Array, *, train: bool = False,
+              key: jax.Array | None = None, **kwargs):
+        """Logits (float32) for images ``x`` in [0, 1] (float) or uint8.
+
+        With ``train=True`` BN uses batch statistics and the call returns
+        ``(logits, new_batch_stats)``; dropout then needs ``key``.
+        Extra keyword arguments go to ``module.apply`` (e.g. ``capture_intermediates``).
+        """
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        rngs = {"dropout": key} if key is not None else {}
+        xn = self.normalize(x)
+        if train:
+            logits, updates = self.module.apply(
+                variables, xn, train=True, rngs=rngs, mutable=["batch_stats"], **kwargs)
+            return logits.astype(jnp.float32), updates["batch_stats"]
+        out = self.module.apply(variables, xn, train=False, rngs=rngs, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0].astype(jnp.float32),) + tuple(out[1:])
+        return out.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: Model, key: jax.Array) -> State:
+    x = jnp.zeros((1, *model.image_shape), jnp.float32)
+    variables = model.module.init({"params": key, "dropout": key}, x, train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Registry entry: how to build a module and which layers defenses may address.
+
+    Attributes:
+      build: ``(num_classes, dtype) -> nn.Module``.
+      head: names of the classifier's linear layers, input to output (FST, LP).
+      last_conv: name of the last convolution (FP, NPD-style insertion points).
+      description: one line for ``bdjax info``/docs.
+    """
+
+    build: Callable[[int, Any], nn.Module]
+    head: tuple[str, ...]
+    last_conv: str
+    description: str = ""
