@@ -1,0 +1,171 @@
+"""Attacks: triggers as pure functions, dataset poisoning, and the poisoned test set.
+
+``get(name, **params)`` returns an :class:`Attack`; ``names()`` lists them. An attack's
+``stamp`` follows the trigger contract ``stamp(images_uint8, key) -> images_uint8``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bdjax import metrics
+from bdjax.attacks import triggers
+from bdjax.errors import BdjaxError, check_choice, check_range
+
+MODES = metrics.MODES
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    fn: Callable
+    defaults: dict
+    clean_label: bool = False
+
+
+_REGISTRY = {
+    "badnets": _Spec(triggers.badnets, {"size": 0, "value": 255}),
+    "blended": _Spec(triggers.blended, {"alpha": 0.2}),
+    "sig": _Spec(triggers.sig, {"delta": 40.0, "freq": 6.0}, clean_label=True),
+}
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """A poisoning attack with fixed parameters (hashable; static under jit).
+
+    Attributes:
+      name: registry name.
+      target: the target label (all-to-one) or ignored offset base (all-to-all).
+      mode: ``all_to_one`` or ``all_to_all`` (y -> (y + 1) mod C).
+      params: trigger parameters as sorted (name, value) pairs.
+    """
+
+    name: str
+    target: int = 0
+    mode: str = "all_to_one"
+    params: tuple = ()
+
+    @property
+    def clean_label(self) -> bool:
+        return _REGISTRY[self.name].clean_label
+
+    @property
+    def config(self) -> dict:
+        """JSON-ready description, stored in checkpoints and records."""
+        return {"name": self.name, "target": self.target, "mode": self.mode,
+                "clean_label": self.clean_label, "params": dict(self.params)}
+
+    def stamp(self, images, key=None):
+        """Trigger-stamped copies of uint8 images (jittable)."""
+        kwargs = {k: (None if (k == "size" and v == 0) else v) for k, v in self.params}
+        return _REGISTRY[self.name].fn(images, key, **kwargs)
+
+    def target_labels(self, labels, num_classes: int):
+        """The label the attacker wants for each image (numpy or jax arrays)."""
+        return np.asarray(metrics.poison_labels(labels, self.target, self.mode, num_classes))
+
+    def asr_valid(self, labels):
+        """Which test images count for ASR/RA (all-to-one drops target-class images)."""
+        return np.asarray(metrics.asr_mask(labels, self.target, self.mode))
+
+
+def get(name: str, *, target: int = 0, mode: str = "all_to_one", num_classes: int = 10,
+        **params) -> Attack:
+    """The attack ``name``; unknown names or parameters raise BdjaxError."""
+    check_choice("attack", name, names())
+    check_choice("attack mode", mode, MODES)
+    spec = _REGISTRY[name]
+    if int(target) != target or not 0 <= target < num_classes:
+        raise BdjaxError(f"target {target!r} is not a label; accepted: 0..{num_classes - 1}.")
+    if spec.clean_label and mode != "all_to_one":
+        raise BdjaxError(f"attack {name!r} is clean-label; accepted mode: all_to_one.")
+    for k in params:
+        check_choice(f"parameter of attack {name!r}", k, spec.defaults)
+    merged = {**spec.defaults, **params}
+    if "alpha" in merged:
+        check_range("alpha", merged["alpha"], 0, 1, low_open=True)
+    return Attack(name=name, target=int(target), mode=mode,
+                  params=tuple(sorted(merged.items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Poisoned:
+    """A poisoned training set: all images, labels after relabelling, poisoned indices."""
+
+    x: np.ndarray
+    y: np.ndarray
+    indices: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stamp_batch(attack: Attack, images, key):
+    return attack.stamp(images, key)
+
+
+def stamp_all(attack: Attack, images: np.ndarray, key: jax.Array, batch: int = 4096):
+    """Stamps every image (in chunks to bound memory); returns a numpy uint8 array."""
+    out = [np.asarray(_stamp_batch(attack, images[i:i + batch], jax.random.fold_in(key, i)))
+           for i in range(0, len(images), batch)]
+    return np.concatenate(out) if out else images.copy()
+
+
+def poison(attack: Attack, x: np.ndarray, y: np.ndarray, num_classes: int, ratio: float,
+           key: jax.Array) -> Poisoned:
+    """Poisons ``round(ratio * N)`` training images chosen with ``key``.
+
+    Dirty-label attacks draw from the whole set and relabel to the attack's target label;
+    clean-label attacks draw only from target-class images and keep the labels.
+    """
+    check_range("poison ratio", ratio, 0, 1, low_open=True, high_open=True)
+    n = int(round(ratio * len(x)))
+    pool = np.flatnonzero(y == attack.target) if attack.clean_label else np.arange(len(x))
+    if n > len(pool):
+        raise BdjaxError(
+            f"poison ratio {ratio} needs {n} images but clean-label attack {attack.name!r} "
+            f"can only use the {len(pool)} images of target class {attack.target}; "
+            f"accepted: ratio <= {len(pool) / len(x):.4f}.")
+    if n < 1:
+        raise BdjaxError(f"poison ratio {ratio} poisons no image of {len(x)}; accepted: "
+                         f"ratio >= {0.5 / len(x):.2g}.")
+    k_pick, k_stamp = jax.random.split(key)
+    seed = np.asarray(jax.random.key_data(k_pick)).astype(np.uint32).tolist()
+    idx = np.sort(np.random.default_rng(seed).choice(pool, n, replace=False))
+    x_p, y_p = x.copy(), y.astype(np.int32).copy()
+    x_p[idx] = stamp_all(attack, x[idx], k_stamp)
+    if not attack.clean_label:
+        y_p[idx] = attack.target_labels(y_p[idx], num_classes)
+    return Poisoned(x=x_p, y=y_p, indices=idx)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+    """The clean and poisoned test sets that ACC, ASR and RA are measured on."""
+
+    x_clean: np.ndarray
+    y: np.ndarray
+    x_poisoned: np.ndarray
+    y_target: np.ndarray
+    valid: np.ndarray
+
+
+def test_set(attack: Attack, x: np.ndarray, y: np.ndarray, num_classes: int,
+             key: jax.Array | None = None) -> TestSet:
+    """Every test image stamped, with attack labels and the ASR validity mask."""
+    key = jax.random.key(0) if key is None else key
+    return TestSet(x_clean=x, y=y.astype(np.int32), x_poisoned=stamp_all(attack, x, key),
+                   y_target=np.asarray(attack.target_labels(y.astype(np.int32), num_classes)),
+                   valid=attack.asr_valid(y))
+
+
+__all__ = ["Attack", "Poisoned", "TestSet", "get", "names", "poison", "test_set",
+           "stamp_all", "MODES"]
