@@ -1,0 +1,110 @@
+"""FT: plain fine-tuning of the backdoored model on the defender's clean data.
+
+The baseline every mitigation paper reports (survey, papers/001, section IV). Defaults
+from REFERENCE.md: 100 epochs, batch 256, SGD lr 0.01, momentum 0.9, weight decay 5e-4,
+cosine schedule, training augmentation. Like the reference, the result is the model
+after the last epoch; ``select`` can instead keep the epoch with the best accuracy or
+loss on the defender's own validation split (never the test set), and ``patience`` stops
+early when that validation score has not improved for so many epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from bdjax.data import DefenseData
+from bdjax.errors import BdjaxError, check_choice
+from bdjax.kernels import SGDConfig, StepOptions, evaluate, run_epoch, sgd
+from bdjax.models import Model, State
+
+SELECT = ("last", "val_acc", "val_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class FTConfig:
+    """FT settings (REFERENCE.md, FT row).
+
+    Attributes:
+      epochs, batch_size, lr, momentum, weight_decay, schedule: the SGD run.
+      augment: random crop + flip (flip only where the dataset allows it).
+      flip: horizontal flips (set from the dataset by the runner).
+      select: which epoch's model to return: ``last`` (reference), ``val_acc`` or
+        ``val_loss`` on the defender's validation split.
+      patience: with ``select`` != last, stop after this many epochs without
+        improvement (0 = run all epochs).
+    """
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    augment: bool = True
+    flip: bool = True
+    select: str = "last"
+    patience: int = 0
+
+    def __post_init__(self):
+        check_choice("select", self.select, SELECT)
+        check_choice("schedule", self.schedule, ("cosine", "constant"))
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
+            raise BdjaxError(f"FT needs epochs >= 1, batch_size >= 1 and patience >= 0; "
+                             f"got {self.epochs}, {self.batch_size}, {self.patience}.")
+
+
+def _score(cfg: FTConfig, val_acc, val_loss):
+    """Higher is better."""
+    return val_acc if cfg.select == "val_acc" else -val_loss
+
+
+def defend(model: Model, state: State, data: DefenseData, config: FTConfig, key: jax.Array):
+    """Fine-tunes ``state`` on ``data`` for one trial; returns (state, report).
+
+    Everything runs in one compiled program (``fori_loop`` over epochs, ``scan`` over
+    batches), so the runner can ``vmap`` it over trials.
+    """
+    n = data.x_train.shape[0]
+    steps = -(-n // min(config.batch_size, n))
+    tx = sgd(SGDConfig(config.lr, config.momentum, config.weight_decay, config.schedule),
+             config.epochs * steps)
+    opts = StepOptions(augment=config.augment, flip=config.flip)
+    x, y = data.x_train, data.y_train
+    val_acc0, val_loss0 = evaluate(model, state, data.x_val, data.y_val)
+    nan = jnp.full((config.epochs,), jnp.nan, jnp.float32)
+    carry0 = dict(state=state, opt=tx.init(state["params"]), best=state,
+                  best_score=jnp.float32(-jnp.inf), best_epoch=jnp.int32(0),
+                  stale=jnp.int32(0), stopped=jnp.bool_(False),
+                  train_loss=nan, val_acc=nan, val_loss=nan)
+
+    def epoch(e, c):
+        st, os_, loss, _ = run_epoch(model, tx, opts, config.batch_size, c["state"], c["opt"],
+                                     x, y, jax.random.fold_in(key, e))
+        vacc, vloss = evaluate(model, st, data.x_val, data.y_val)
+        score = _score(config, vacc, vloss)
+        better = score > c["best_score"]
+        if config.select == "last":
+            better = jnp.bool_(True)
+        run = ~c["stopped"]  # after an early stop the carry is frozen
+        keep = run & better
+        stale = jnp.where(keep, 0, c["stale"] + 1)
+        stopped = c["stopped"] | (config.patience > 0) & (stale >= config.patience)
+        pick = lambda new, old: jax.tree_util.tree_map(
+            lambda a, b: jnp.where(run, a, b), new, old)
+        return dict(
+            state=pick(st, c["state"]), opt=pick(os_, c["opt"]),
+            best=jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), st, c["best"]),
+            best_score=jnp.where(keep, score, c["best_score"]),
+            best_epoch=jnp.where(keep, e + 1, c["best_epoch"]),
+            stale=jnp.where(run, stale, c["stale"]), stopped=stopped,
+            train_loss=c["train_loss"].at[e].set(jnp.where(run, loss, jnp.nan)),
+            val_acc=c["val_acc"].at[e].set(jnp.where(run, vacc, jnp.nan)),
+            val_loss=c["val_loss"].at[e].set(jnp.where(run, vloss, jnp.nan)))
+
+    c = jax.lax.fori_loop(0, config.epochs, epoch, carry0)
+    report = dict(epoch=c["best_epoch"], val_acc_before=val_acc0, val_loss_before=val_loss0,
+                  train_loss=c["train_loss"], val_acc=c["val_acc"], val_loss=c["val_loss"])
+    return c["best"], report

@@ -1,0 +1,156 @@
+"""Compiled training and evaluation building blocks shared by training and defenses.
+
+State is explicit: the model state ``{"params", "batch_stats"}`` and an optax state,
+carried through ``lax.scan`` over batches and ``lax.fori_loop`` over epochs. Nothing
+here branches in Python on traced values, so every function can run under ``vmap``
+over trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bdjax.kernels.augment import crop_flip
+from bdjax.models import Model, State
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDConfig:
+    """SGD with momentum and coupled (PyTorch-style) weight decay.
+
+    Attributes:
+      lr: peak learning rate.
+      momentum: heavy-ball momentum.
+      weight_decay: added to the gradient before momentum, as ``torch.optim.SGD``.
+      schedule: ``cosine`` (to 0 over all steps, per step) or ``constant``.
+      nesterov: Nesterov momentum.
+    """
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    nesterov: bool = False
+
+
+def sgd(cfg: SGDConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optax transformation for ``cfg`` over ``total_steps`` updates."""
+    if cfg.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(cfg.lr, max(1, total_steps))
+    else:
+        lr = cfg.lr
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                       optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Mean softmax cross-entropy with optional label smoothing (integer labels)."""
+    onehot = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        onehot = optax.smooth_labels(onehot, label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, onehot))
+
+
+def to_unit(images):
+    """uint8 [0, 255] -> float32 [0, 1]; float inputs pass through."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images
+
+
+def batch_indices(key, n: int, batch_size: int):
+    """A shuffled epoch as ``[steps, batch]`` indices, ``steps = ceil(n / batch)``.
+
+    The last batch is filled with the first images of the same permutation instead of
+    being dropped or padded, so shapes stay static and BatchNorm never sees padding.
+    """
+    bs = min(batch_size, n)
+    steps = -(-n // bs)
+    perm = jax.random.permutation(key, n)
+    fill = steps * bs - n
+    return jnp.concatenate([perm, perm[:fill]]).reshape(steps, bs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static options of a training step.
+
+    Attributes:
+      augment: random crop + (if ``flip``) horizontal flip.
+      flip: allow horizontal flips.
+      label_smoothing: CE label smoothing.
+    """
+
+    augment: bool = True
+    flip: bool = True
+    label_smoothing: float = 0.0
+
+
+LossFn = Callable[..., Any]
+
+
+def train_step(model: Model, tx: optax.GradientTransformation, opts: StepOptions,
+               state: State, opt_state, x, y, key, grad_mask=None):
+    """One SGD step on a uint8 batch; returns (state, opt_state, loss, accuracy).
+
+    ``grad_mask`` (a pytree like params of 0/1, or None) freezes parameters: their
+    gradients and updates are zeroed, so masked weights stay exactly where they are.
+    """
+    k_aug, k_drop = jax.random.split(key)
+    xb = crop_flip(x, k_aug, flip=opts.flip) if opts.augment else x
+    xb = to_unit(xb)
+
+    def loss_fn(params):
+        logits, new_bs = model.apply({"params": params, "batch_stats": state["batch_stats"]},
+                                     xb, train=True, key=k_drop)
+        return cross_entropy(logits, y, opts.label_smoothing), (logits, new_bs)
+
+    (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    if grad_mask is not None:
+        grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, grad_mask)
+    updates, opt_state = tx.update(grads, opt_state, state["params"])
+    if grad_mask is not None:
+        updates = jax.tree_util.tree_map(lambda u, m: u * m, updates, grad_mask)
+    params = optax.apply_updates(state["params"], updates)
+    acc = jnp.mean(jnp.argmax(logits, -1) == y)
+    return {**state, "params": params, "batch_stats": new_bs}, opt_state, loss, acc
+
+
+def run_epoch(model: Model, tx, opts: StepOptions, batch_size: int, state: State,
+              opt_state, x, y, key, grad_mask=None):
+    """One shuffled pass over (x, y) inside ``lax.scan``; returns mean loss and accuracy."""
+    k_perm, k_steps = jax.random.split(key)
+    idx = batch_indices(k_perm, x.shape[0], batch_size)
+    keys = jax.random.split(k_steps, idx.shape[0])
+
+    def body(carry, inp):
+        st, os_ = carry
+        b, k = inp
+        st, os_, loss, acc = train_step(model, tx, opts, st, os_, x[b], y[b], k, grad_mask)
+        return (st, os_), (loss, acc)
+
+    (state, opt_state), (losses, accs) = jax.lax.scan(body, (state, opt_state), (idx, keys))
+    return state, opt_state, jnp.mean(losses), jnp.mean(accs)
+
+
+def logits_in_batches(model: Model, state: State, x, batch_size: int = 500):
+    """Eval-mode logits for all of ``x`` (uint8 or [0,1] float), batched with lax.map."""
+    n = x.shape[0]
+    bs = min(batch_size, n)
+    steps = -(-n // bs)
+    pad = steps * bs - n
+    xp = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+    out = jax.lax.map(lambda b: model.apply(state, to_unit(b)),
+                      xp.reshape(steps, bs, *x.shape[1:]))
+    return out.reshape(steps * bs, -1)[:n]
+
+
+def evaluate(model: Model, state: State, x, y, batch_size: int = 500):
+    """(accuracy, mean CE loss) of the eval-mode model on (x, y)."""
+    logits = logits_in_batches(model, state, x, batch_size)
+    return jnp.mean(jnp.argmax(logits, -1) == y), cross_entropy(logits, y)
