@@ -29,7 +29,7 @@ class _Spec:
 
 
 _REGISTRY = {
-    "badnets": _Spec(triggers.badnets, {"size": 0, "value": 255}),
+    "badnets": _Spec(triggers.badnets, {"size": None, "value": 255}),  # size None: 3/32 of H
     "blended": _Spec(triggers.blended, {"alpha": 0.2}),
     "sig": _Spec(triggers.sig, {"delta": 40.0, "freq": 6.0}, clean_label=True),
 }
@@ -67,8 +67,7 @@ class Attack:
 
     def stamp(self, images, key=None):
         """Trigger-stamped copies of uint8 images (jittable)."""
-        kwargs = {k: (None if (k == "size" and v == 0) else v) for k, v in self.params}
-        return _REGISTRY[self.name].fn(images, key, **kwargs)
+        return _REGISTRY[self.name].fn(images, key, **dict(self.params))
 
     def target_labels(self, labels, num_classes: int):
         """The label the attacker wants for each image (numpy or jax arrays)."""

@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bdjax.cli import main
+
+
+def _bdjax(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bdjax", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    r = _bdjax("attack", "--dataset", "synthetic", "--model", "small_cnn", "--attack",
+               "badnets", "--ratio", "0.1", "--target", "0", "--seed", "0", "--out", str(out),
+               "--smoke", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "clean ACC" in r.stdout
+    return out
+
+
+def test_attack_writes_checkpoint_with_metadata(smoke_ckpt):
+    meta = json.loads((smoke_ckpt / "bdjax.json").read_text())
+    assert meta["attack"]["name"] == "badnets" and meta["poison_ratio"] == 0.1
+    assert meta["n_poisoned"] == 200 and meta["dataset"]["name"] == "synthetic"
+    for k in ("acc", "asr", "ra", "seed", "versions"):
+        assert k in meta
+
+
+def test_info_prints_metadata(smoke_ckpt, capsys):
+    assert main(["info", str(smoke_ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "small_cnn" in out and "badnets" in out and "ASR" in out
+
+
+@pytest.mark.parametrize("setting", [["--spc", "2"], ["--ratio", "0.05"]])
+def test_defend_appends_rows(smoke_ckpt, tmp_path, setting, capsys):
+    out = tmp_path / "r.jsonl"
+    code = main(["defend", "--checkpoint", str(smoke_ckpt), "--defense", "ft", *setting,
+                 "--trials", "2", "--seed", "0", "--out", str(out), "--set", "epochs=2",
+                 "--smoke"])
+    assert code == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["trial"] for r in rows] == [0, 1]
+    assert rows[0]["settings"]["epochs"] == 2
+    assert "ACC before" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["attack", "--attack", "nope", "--out", "X"], "unknown attack 'nope'"),
+    (["attack", "--ratio", "1.5", "--out", "X"], "poison ratio 1.5"),
+    (["attack", "--target", "12", "--out", "X"], "target 12"),
+    (["attack", "--model", "resnet", "--out", "X"], "unknown model 'resnet'"),
+    (["attack", "--dataset", "imagenet", "--out", "X"], "unknown dataset 'imagenet'"),
+    (["defend", "--checkpoint", "/nonexistent", "--defense", "ft", "--spc", "10",
+      "--out", "r.jsonl"], "/nonexistent"),
+    (["info", "/nonexistent"], "/nonexistent"),
+])
+def test_bad_input_exits_2_with_one_sentence(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and err.count("\n") == 0
+    assert not (tmp_path / "X").exists()
+
+
+def test_defend_rejects_unknown_defense_and_bad_spc(smoke_ckpt, tmp_path, capsys):
+    assert main(["defend", "--checkpoint", str(smoke_ckpt), "--defense", "magic", "--spc",
+                 "10", "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "unknown defense 'magic'" in capsys.readouterr().err
+    assert main(["defend", "--checkpoint", str(smoke_ckpt), "--defense", "ft", "--spc",
+                 "0", "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "spc 0" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_demo_smoke_runs_end_to_end(tmp_path):
+    r = _bdjax("demo", "--smoke", "--out-dir", str(tmp_path / "demo"), "--trials", "2",
+               "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "ft spc=10" in r.stdout and "demo finished" in r.stdout
+    rows = (tmp_path / "demo" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 2

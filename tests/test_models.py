@@ -1,0 +1,83 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from bdjax import models
+from bdjax.errors import BdjaxError
+from bdjax.models.layers import conv_general_dilated
+
+
+@pytest.mark.parametrize("name,count", [("preact_resnet18", 11_171_146),
+                                        ("vgg19_bn", 139_622_218)])
+def test_parameter_counts_match_the_reference(name, count):
+    model = models.get(name, num_classes=10)
+    state = jax.eval_shape(model.init, jax.random.key(0))
+    assert models.count_params(state) == count
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_named_layers_exist(name):
+    model = models.get(name)
+    params = jax.eval_shape(model.init, jax.random.key(0))["params"]
+    for head in model.spec.head:
+        assert "kernel" in params[head]
+    node = params
+    for part in model.spec.last_conv.split("/"):
+        node = node[part]
+    assert node["kernel"].ndim == 4
+
+
+def test_small_cnn_forward_and_train_mode():
+    model = models.get("small_cnn")
+    state = model.init(jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8))
+    logits = model.apply(state, x)
+    assert logits.shape == (4, 10) and logits.dtype == jnp.float32
+    logits_t, new_bs = model.apply(state, x, train=True)
+    assert logits_t.shape == (4, 10)
+    # Train mode updates running statistics; eval mode does not use batch statistics.
+    assert not np.allclose(new_bs["bn1"]["mean"], state["batch_stats"]["bn1"]["mean"])
+    np.testing.assert_allclose(model.apply(state, x[:1]), logits[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_uint8_and_unit_float_inputs_agree():
+    model = models.get("small_cnn")
+    state = model.init(jax.random.key(0))
+    x = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), np.uint8)
+    np.testing.assert_allclose(model.apply(state, jnp.asarray(x)),
+                               model.apply(state, jnp.asarray(x / 255.0, jnp.float32)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_keeps_float32_parameters():
+    model = models.get("small_cnn", dtype="bfloat16")
+    state = model.init(jax.random.key(0))
+    assert state["params"]["conv1"]["kernel"].dtype == jnp.float32
+    assert model.apply(state, jnp.zeros((1, 32, 32, 3), jnp.uint8)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("h,k,stride,pad", [
+    (16, 3, 1, ((1, 1), (1, 1))), (16, 3, 2, ((1, 1), (1, 1))), (15, 3, 2, "SAME"),
+    (16, 1, 2, ((0, 0), (0, 0))), (9, 3, 1, "SAME"), (8, 3, 2, "VALID")])
+def test_loop_friendly_conv_matches_native_gradients(h, k, stride, pad):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, h, h, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, 4, 6)), jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    native = lambda x, w: lax.conv_general_dilated(x, w, (stride,) * 2, pad, dimension_numbers=dn)
+    ours = lambda x, w: conv_general_dilated(x, w, (stride,) * 2, pad, dimension_numbers=dn)
+    gy = jnp.asarray(rng.normal(size=native(x, w).shape), jnp.float32)
+    ref = jax.grad(lambda x, w: jnp.sum(native(x, w) * gy), (0, 1))(x, w)
+    got = jax.grad(lambda x, w: jnp.sum(ours(x, w) * gy), (0, 1))(x, w)
+    np.testing.assert_allclose(ours(x, w), native(x, w), rtol=1e-5, atol=1e-5)
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_get_rejects_bad_names():
+    with pytest.raises(BdjaxError, match="unknown model 'resnet50'"):
+        models.get("resnet50")
+    with pytest.raises(BdjaxError, match="num_classes 1"):
+        models.get("small_cnn", num_classes=1)
