@@ -11,17 +11,21 @@ from bdjax.train import TrainConfig, train
 
 @pytest.fixture(scope="session")
 def small_data():
-    """4,000 / 1,000 synthetic images: enough for a small CNN to learn shapes and a trigger."""
-    return data.load("synthetic", seed=0, n_train=4000, n_test=1000)
+    """8,000 / 1,000 synthetic images: enough for a small CNN to learn shapes and a trigger."""
+    return data.load("synthetic", seed=0, n_train=8000, n_test=1000)
 
 
 @pytest.fixture(scope="session")
 def backdoored(small_data):
-    """(model, state, attack, test set) of a small CNN backdoored with BadNets 10%."""
+    """(model, state, attack, test set) of a small CNN backdoored with BadNets 10%.
+
+    Trained without augmentation so that 8 epochs (~35 s on 2 cores) reach about 84%
+    clean accuracy and 93% ASR.
+    """
     ds = small_data
     model = models.for_dataset("small_cnn", ds)
     atk = attacks.get("badnets", target=0)
     p = attacks.poison(atk, ds.x_train, ds.y_train, ds.num_classes, 0.1, jax.random.key(1))
-    state, _ = train(model, p.x, p.y, TrainConfig(epochs=10, lr=0.05), jax.random.key(2),
+    state, _ = train(model, p.x, p.y, TrainConfig(epochs=8, lr=0.05, augment=False), jax.random.key(2),
                      progress=False)
     return model, state, atk, attacks.test_set(atk, ds.x_test, ds.y_test, ds.num_classes)

@@ -68,9 +68,9 @@ def test_defense_split_ratio_is_class_balanced(small_data):
     ds = small_data
     split = data.defense_split(ds.x_train, ds.y_train, 10, key=jax.random.key(0),
                                trials=(0,), ratio=0.05)
-    # 5% of 4000 = 200 = 20 per class -> 2 val + 18 train per class.
-    np.testing.assert_array_equal(np.bincount(split.y_train[0], minlength=10), np.full(10, 18))
-    np.testing.assert_array_equal(np.bincount(split.y_val[0], minlength=10), np.full(10, 2))
+    # 5% of 8000 = 400 = 40 per class -> 4 val + 36 train per class.
+    np.testing.assert_array_equal(np.bincount(split.y_train[0], minlength=10), np.full(10, 36))
+    np.testing.assert_array_equal(np.bincount(split.y_val[0], minlength=10), np.full(10, 4))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -81,3 +81,22 @@ def test_get_rejects_bad_names():
         models.get("resnet50")
     with pytest.raises(BdjaxError, match="num_classes 1"):
         models.get("small_cnn", num_classes=1)
+
+
+@pytest.mark.parametrize("axes", [(0, 0), (0, None), (None, 0)])
+def test_conv_vmapped_over_trials_matches_native(axes):
+    """The trial batching rule (fold into batch/channels, or one conv per trial) is exact."""
+    rng = np.random.default_rng(1)
+    dn = ("NHWC", "HWIO", "NHWC")
+    x = jnp.asarray(rng.normal(size=(3, 2, 8, 8, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5)), jnp.float32)
+    xa, wa = (x if axes[0] == 0 else x[0]), (w if axes[1] == 0 else w[0])
+    native = lambda x, w: lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn)
+    ours = lambda x, w: conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=dn)
+    gy = jnp.asarray(rng.normal(size=(3, 2, 4, 4, 5)), jnp.float32)
+    grads = lambda fn: jax.vmap(lambda a, b, g: jax.grad(
+        lambda a, b: jnp.sum(fn(a, b) * g), (0, 1))(a, b), in_axes=(*axes, 0))(xa, wa, gy)
+    np.testing.assert_allclose(jax.vmap(ours, in_axes=axes)(xa, wa),
+                               jax.vmap(native, in_axes=axes)(xa, wa), rtol=1e-5, atol=1e-4)
+    for r, g in zip(grads(native), grads(ours)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)

@@ -55,7 +55,7 @@ def test_backdoored_fixture_learned_task_and_trigger(backdoored):
 
     model, state, _, test = backdoored
     scores = experiment.evaluate(model, state, test)
-    assert scores["acc"] > 0.75 and scores["asr"] > 0.85
+    assert scores["acc"] > 0.8 and scores["asr"] > 0.9
     assert scores["asr"] + scores["ra"] <= 1 + 1e-6
 
 

@@ -163,7 +163,8 @@ def load_synthetic(seed: int = 0, n_train: int = 10_000, n_test: int = 2_000) ->
     # Normalisation statistics of the generator (measured on 50k images, seed 0).
     return Dataset(
         name="synthetic", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-        num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.29, 0.29, 0.29), flip=True,
+        num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.29, 0.29, 0.29),
+        flip=False,  # REFERENCE.md: horizontal flips are a CIFAR convention only
         class_names=CLASS_NAMES,
         info={"generator": "bdjax.data.synthetic", "seed": seed, "n_train": n_train,
               "n_test": n_test})
