@@ -85,3 +85,24 @@ def test_demo_smoke_runs_end_to_end(tmp_path):
     assert "ft spc=10" in r.stdout and "demo finished" in r.stdout
     rows = (tmp_path / "demo" / "results.jsonl").read_text().splitlines()
     assert len(rows) == 2
+
+
+def test_bdjax_runs_without_tensorflow_datasets(tmp_path):
+    """With tfds made unimportable, the package, the CLI and the synthetic path still work."""
+    code = (
+        "import sys; sys.modules['tensorflow_datasets'] = None\n"
+        "import bdjax.cli, bdjax.data, bdjax.experiment, bdjax.checkpoint\n"
+        "from bdjax import data\n"
+        "ds = data.load('synthetic', n_train=200, n_test=50)\n"
+        "assert ds.x_train.shape == (200, 32, 32, 3)\n"
+        "try:\n"
+        "    data.load('cifar10', data_dir=sys.argv[1])\n"
+        "except Exception as e:\n"
+        "    assert type(e).__name__ == 'BdjaxError' and 'bdjax[tfds]' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('cifar10 loaded without tfds')\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -16,6 +16,7 @@ they stack along a leading trial axis for ``vmap``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,16 +33,21 @@ class DefenseData:
     Attributes:
       x_train, y_train: uint8 images and int32 labels the defense trains on.
       x_val, y_val: the defender's own validation split (selection, early stopping).
+      trigger: only for defenses whose threat model gives the defender the trigger
+        (Grad-Prune): a hashable object with ``stamp(images_uint8, key)``, e.g. an
+        :class:`~bdjax.attacks.Attack`. Static metadata: shared by all trials, never
+        vmapped; ``None`` for every other defense.
     """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    trigger: Any = None
 
 
 jax.tree_util.register_dataclass(
-    DefenseData, data_fields=["x_train", "y_train", "x_val", "y_val"], meta_fields=[])
+    DefenseData, data_fields=["x_train", "y_train", "x_val", "y_val"], meta_fields=["trigger"])
 
 
 def split_sizes(per_class: int) -> tuple[int, int]:

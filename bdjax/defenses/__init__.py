@@ -9,10 +9,10 @@ of arrays. The experiment runner compiles it once and vmaps it over trials.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from typing import Any, Callable
 
-from bdjax.defenses import ft
 from bdjax.errors import BdjaxError, check_choice
 
 
@@ -38,13 +38,29 @@ class Defense:
         return dataclasses.asdict(self.config)
 
 
-_REGISTRY: dict[str, tuple[Callable, type, bool]] = {
-    "ft": (ft.defend, ft.FTConfig, False),
+# name -> (module, defend function, config class, needs_trigger, default overrides).
+# Modules are imported on first use so one defense's import cost or failure never touches
+# the others; variants of one method share a module and differ in their defaults.
+_REGISTRY: dict[str, tuple[str, str, str, bool, dict]] = {
+    "ft": ("ft", "defend", "FTConfig", False, {}),
+    "fst": ("fst", "defend", "FSTConfig", False, {}),
+    "lp": ("fst", "defend", "FSTConfig", False, dict(
+        reinit_head=False, tune="head", alpha=0.0, project=False)),
+    "fe_tuning": ("fst", "defend", "FSTConfig", False, dict(
+        reinit_head=True, tune="backbone", alpha=0.0, project=False)),
+    "ft_init": ("fst", "defend", "FSTConfig", False, dict(
+        reinit_head=True, tune="all", alpha=0.0, project=False)),
 }
 
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> tuple[Callable, type, bool, dict]:
+    module, fn, cls, needs_trigger, defaults = _REGISTRY[name]
+    mod = importlib.import_module(f"bdjax.defenses.{module}")
+    return getattr(mod, fn), getattr(mod, cls), needs_trigger, defaults
 
 
 def _coerce(cls, field: dataclasses.Field, value):
@@ -66,11 +82,12 @@ def _coerce(cls, field: dataclasses.Field, value):
 def get(name: str, **overrides) -> Defense:
     """The defense ``name`` with ``overrides`` applied to its default settings."""
     check_choice("defense", name, names())
-    fn, cls, needs_trigger = _REGISTRY[name]
+    fn, cls, needs_trigger, defaults = _entry(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in overrides:
         check_choice(f"setting of defense {name!r}", k, fields)
-    config = cls(**{k: _coerce(cls, fields[k], v) for k, v in overrides.items()})
+    settings = {**defaults, **{k: _coerce(cls, fields[k], v) for k, v in overrides.items()}}
+    config = cls(**settings)
     return Defense(name=name, defend=fn, config=config, needs_trigger=needs_trigger)
 
 

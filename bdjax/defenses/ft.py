@@ -17,43 +17,36 @@ import jax.numpy as jnp
 
 from bdjax.data import DefenseData
 from bdjax.errors import BdjaxError, check_choice
-from bdjax.kernels import SGDConfig, StepOptions, evaluate, run_epoch, sgd
+from bdjax.kernels import StepOptions, evaluate, run_epoch, sgd
 from bdjax.models import Model, State
+from bdjax.train import TrainConfig
 
 SELECT = ("last", "val_acc", "val_loss")
 
 
 @dataclasses.dataclass(frozen=True)
-class FTConfig:
-    """FT settings (REFERENCE.md, FT row).
+class FTConfig(TrainConfig):
+    """FT settings (REFERENCE.md, FT row): the SGD run of :class:`TrainConfig` with
+    batch 256, plus:
 
     Attributes:
-      epochs, batch_size, lr, momentum, weight_decay, schedule: the SGD run.
-      augment: random crop + flip (flip only where the dataset allows it).
-      flip: horizontal flips (set from the dataset by the runner).
+      flip: horizontal flips in augmentation (set from the dataset by the runner).
       select: which epoch's model to return: ``last`` (reference), ``val_acc`` or
         ``val_loss`` on the defender's validation split.
       patience: with ``select`` != last, stop after this many epochs without
         improvement (0 = run all epochs).
     """
 
-    epochs: int = 100
     batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    augment: bool = True
     flip: bool = True
     select: str = "last"
     patience: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         check_choice("select", self.select, SELECT)
-        check_choice("schedule", self.schedule, ("cosine", "constant"))
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
-            raise BdjaxError(f"FT needs epochs >= 1, batch_size >= 1 and patience >= 0; "
-                             f"got {self.epochs}, {self.batch_size}, {self.patience}.")
+        if self.patience < 0:
+            raise BdjaxError(f"patience {self.patience!r} is invalid; accepted: >= 0.")
 
 
 def _score(cfg: FTConfig, val_acc, val_loss):
@@ -69,9 +62,9 @@ def defend(model: Model, state: State, data: DefenseData, config: FTConfig, key:
     """
     n = data.x_train.shape[0]
     steps = -(-n // min(config.batch_size, n))
-    tx = sgd(SGDConfig(config.lr, config.momentum, config.weight_decay, config.schedule),
-             config.epochs * steps)
-    opts = StepOptions(augment=config.augment, flip=config.flip)
+    tx = sgd(config.sgd, config.epochs * steps)
+    opts = StepOptions(augment=config.augment, flip=config.flip,
+                       label_smoothing=config.label_smoothing)
     x, y = data.x_train, data.y_train
     val_acc0, val_loss0 = evaluate(model, state, data.x_val, data.y_val)
     nan = jnp.full((config.epochs,), jnp.nan, jnp.float32)
@@ -85,9 +78,7 @@ def defend(model: Model, state: State, data: DefenseData, config: FTConfig, key:
                                      x, y, jax.random.fold_in(key, e))
         vacc, vloss = evaluate(model, st, data.x_val, data.y_val)
         score = _score(config, vacc, vloss)
-        better = score > c["best_score"]
-        if config.select == "last":
-            better = jnp.bool_(True)
+        better = jnp.bool_(True) if config.select == "last" else score > c["best_score"]
         run = ~c["stopped"]  # after an early stop the carry is frozen
         keep = run & better
         stale = jnp.where(keep, 0, c["stale"] + 1)

@@ -95,20 +95,32 @@ LossFn = Callable[..., Any]
 
 
 def train_step(model: Model, tx: optax.GradientTransformation, opts: StepOptions,
-               state: State, opt_state, x, y, key, grad_mask=None):
+               state: State, opt_state, x, y, key, grad_mask=None, *, penalty=None,
+               project=None, bn_train: bool = True):
     """One SGD step on a uint8 batch; returns (state, opt_state, loss, accuracy).
 
-    ``grad_mask`` (a pytree like params of 0/1, or None) freezes parameters: their
-    gradients and updates are zeroed, so masked weights stay exactly where they are.
+    Args:
+      grad_mask: a pytree like params of 0/1 (or None) that freezes parameters: their
+        gradients and updates are zeroed, so masked weights stay exactly where they are.
+      penalty: ``params -> scalar`` added to the loss (e.g. FST's inner product).
+      project: ``params -> params`` applied after the update (e.g. FST's norm projection).
+      bn_train: False runs BatchNorm in eval mode and keeps its running statistics (a
+        frozen feature extractor, as in linear probing).
     """
     k_aug, k_drop = jax.random.split(key)
     xb = crop_flip(x, k_aug, flip=opts.flip) if opts.augment else x
     xb = to_unit(xb)
 
     def loss_fn(params):
-        logits, new_bs = model.apply({"params": params, "batch_stats": state["batch_stats"]},
-                                     xb, train=True, key=k_drop)
-        return cross_entropy(logits, y, opts.label_smoothing), (logits, new_bs)
+        variables = {"params": params, "batch_stats": state["batch_stats"]}
+        if bn_train:
+            logits, new_bs = model.apply(variables, xb, train=True, key=k_drop)
+        else:
+            logits, new_bs = model.apply(variables, xb, key=k_drop), state["batch_stats"]
+        loss = cross_entropy(logits, y, opts.label_smoothing)
+        if penalty is not None:
+            loss = loss + penalty(params)
+        return loss, (logits, new_bs)
 
     (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     if grad_mask is not None:
@@ -117,13 +129,18 @@ def train_step(model: Model, tx: optax.GradientTransformation, opts: StepOptions
     if grad_mask is not None:
         updates = jax.tree_util.tree_map(lambda u, m: u * m, updates, grad_mask)
     params = optax.apply_updates(state["params"], updates)
+    if project is not None:
+        params = project(params)
     acc = jnp.mean(jnp.argmax(logits, -1) == y)
     return {**state, "params": params, "batch_stats": new_bs}, opt_state, loss, acc
 
 
 def run_epoch(model: Model, tx, opts: StepOptions, batch_size: int, state: State,
-              opt_state, x, y, key, grad_mask=None):
-    """One shuffled pass over (x, y) inside ``lax.scan``; returns mean loss and accuracy."""
+              opt_state, x, y, key, grad_mask=None, **step_kwargs):
+    """One shuffled pass over (x, y) inside ``lax.scan``; returns mean loss and accuracy.
+
+    ``step_kwargs`` go to :func:`train_step` (penalty, project, bn_train).
+    """
     k_perm, k_steps = jax.random.split(key)
     idx = batch_indices(k_perm, x.shape[0], batch_size)
     keys = jax.random.split(k_steps, idx.shape[0])
@@ -131,7 +148,8 @@ def run_epoch(model: Model, tx, opts: StepOptions, batch_size: int, state: State
     def body(carry, inp):
         st, os_ = carry
         b, k = inp
-        st, os_, loss, acc = train_step(model, tx, opts, st, os_, x[b], y[b], k, grad_mask)
+        st, os_, loss, acc = train_step(model, tx, opts, st, os_, x[b], y[b], k, grad_mask,
+                                        **step_kwargs)
         return (st, os_), (loss, acc)
 
     (state, opt_state), (losses, accs) = jax.lax.scan(body, (state, opt_state), (idx, keys))

@@ -94,11 +94,15 @@ class ModelSpec:
     Attributes:
       build: ``(num_classes, dtype) -> nn.Module``.
       head: names of the classifier's linear layers, input to output (FST, LP).
-      last_conv: name of the last convolution (FP, NPD-style insertion points).
+      last_conv: name of the last convolution (FP).
+      polariser_at: the conv whose INPUT NPD's polariser transforms (REFERENCE.md, NPD
+        row: PreAct-ResNet18 layer4.1.conv1, residual branch only; VGG19-BN the last
+        512->512 conv).
       description: one line for ``bdjax info``/docs.
     """
 
     build: Callable[[int, Any], nn.Module]
     head: tuple[str, ...]
     last_conv: str
+    polariser_at: str = ""
     description: str = ""
