@@ -50,6 +50,7 @@ _REGISTRY: dict[str, tuple[str, str, str, bool, dict]] = {
         reinit_head=True, tune="backbone", alpha=0.0, project=False)),
     "ft_init": ("fst", "defend", "FSTConfig", False, dict(
         reinit_head=True, tune="all", alpha=0.0, project=False)),
+    "npd": ("npd", "defend", "NPDConfig", False, {}),
 }
 
 

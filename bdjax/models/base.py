@@ -66,10 +66,18 @@ class Model:
         With ``train=True`` BN uses batch statistics and the call returns
         ``(logits, new_batch_stats)``; dropout then needs ``key``.
         Extra keyword arguments go to ``module.apply`` (e.g. ``capture_intermediates``).
+        A ``state["polariser"]`` (NPD) is applied at ``spec.polariser_at``.
         """
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         rngs = {"dropout": key} if key is not None else {}
         xn = self.normalize(x)
+        if "polariser" in state:  # an NPD-defended state: polarise the named layer's input
+            from bdjax.models.polariser import polariser_interceptor
+
+            with nn.intercept_methods(polariser_interceptor(self.spec.polariser_at,
+                                                            state["polariser"])):
+                return self.apply({k: v for k, v in state.items() if k != "polariser"}, x,
+                                  train=train, key=key, **kwargs)
         if train:
             logits, updates = self.module.apply(
                 variables, xn, train=True, rngs=rngs, mutable=["batch_stats"], **kwargs)

@@ -1,0 +1,63 @@
+"""NPD's polariser as a model-state extra: conv1x1 + BatchNorm on one layer's input.
+
+``Model.apply`` honours ``state["polariser"]`` through :func:`polariser_interceptor`, so a
+state defended by NPD is checkpointed, restored and evaluated like any other; the model
+definitions are never edited (``flax.linen.intercept_methods`` matches the module path
+named by ``ModelSpec.polariser_at``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BN_EPS = 1e-5  # PyTorch's BatchNorm2d default, as the reference polariser
+BN_MOMENTUM = 0.9  # flax convention: PyTorch momentum 0.1
+
+
+def _path(name: str) -> tuple[str, ...]:
+    return tuple(name.split("/"))
+
+
+def polarise(polariser: dict, h, train: bool = False):
+    """Applies conv1x1 + BN to features ``h`` ``[N, H, W, C]``.
+
+    Returns ``(out, batch_stats)``: with ``train`` BN normalises with the batch's
+    statistics and the running ones move toward them (PyTorch's unbiased running
+    variance); otherwise the running statistics are used and returned unchanged.
+    """
+    p, s = polariser["params"], polariser["batch_stats"]["bn"]
+    z = jnp.einsum("nhwc,cd->nhwd", h.astype(jnp.float32), p["conv"]["kernel"][0, 0])
+    if train:
+        mean = jnp.mean(z, axis=(0, 1, 2))
+        var = jnp.var(z, axis=(0, 1, 2))
+        n = z.size // z.shape[-1]
+        stats = {"bn": {"mean": BN_MOMENTUM * s["mean"] + (1 - BN_MOMENTUM) * mean,
+                        "var": BN_MOMENTUM * s["var"]
+                        + (1 - BN_MOMENTUM) * var * n / max(n - 1, 1)}}
+    else:
+        mean, var, stats = s["mean"], s["var"], polariser["batch_stats"]
+    out = (z - mean) * jax.lax.rsqrt(var + BN_EPS) * p["bn"]["scale"] + p["bn"]["bias"]
+    return out.astype(h.dtype), stats
+
+
+def polariser_interceptor(where: str, polariser: dict, *, train: bool = False,
+                          sink: dict | None = None):
+    """A ``flax.linen.intercept_methods`` interceptor that polarises the input of the
+    module at path ``where`` (e.g. ``"layer4_1/conv1"``).
+
+    With ``train`` the polariser's new batch statistics are written to ``sink["stats"]``
+    (a trace-time side channel: read it after ``apply`` inside the same function).
+    Usable to make ``Model.apply`` honour ``state["polariser"]``.
+    """
+    target = _path(where)
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and tuple(context.module.path) == target:
+            h, stats = polarise(polariser, args[0], train)
+            if sink is not None:
+                sink["stats"] = stats
+            args = (h,) + tuple(args[1:])
+        return next_fun(*args, **kwargs)
+
+    return interceptor

@@ -1,0 +1,278 @@
+"""NPD (neural polariser) and the batched PGD kernel it uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bdjax import checkpoint, experiment, metrics, models
+from bdjax.defenses import Defense, npd
+from bdjax.errors import BdjaxError
+from bdjax.kernels.pgd import pgd
+from tests.defense_checks import assert_compiles_once
+
+
+# ------------------------------------------------------------------------------ PGD
+def _linear(key, shape=(8, 8, 3), classes=5):
+    w = jax.random.normal(key, (int(np.prod(shape)), classes))
+    return lambda z: z.reshape(z.shape[0], -1) @ w
+
+
+def _batch(key, n=16, shape=(8, 8, 3)):
+    return jax.random.uniform(key, (n, *shape))
+
+
+def _l2(d):
+    return np.linalg.norm(np.asarray(d).reshape(d.shape[0], -1), axis=1)
+
+
+@pytest.mark.parametrize("norm,eps,step,kind", [("l2", 0.5, 0.2, "auto"),
+                                                ("l2", 0.5, 0.1, "sign"),
+                                                ("linf", 0.05, 0.02, "auto")])
+def test_pgd_stays_in_ball_and_box(norm, eps, step, kind):
+    f = _linear(jax.random.key(0))
+    x = _batch(jax.random.key(1))
+    y = jnp.arange(16) % 5
+    x_adv, info = pgd(f, x, y, norm=norm, eps=eps, step=step, steps=10, targeted=False,
+                      key=jax.random.key(2), step_kind=kind)
+    d = np.asarray(x_adv - x)
+    size = _l2(d) if norm == "l2" else np.abs(d.reshape(16, -1)).max(1)
+    assert (size <= eps * (1 + 1e-5)).all() and (size > 0.5 * eps).any()
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    np.testing.assert_allclose(info["delta_norm"], size, rtol=1e-5)
+
+
+def test_pgd_per_sample_radius():
+    f = _linear(jax.random.key(0))
+    x = _batch(jax.random.key(1), n=4)
+    eps = jnp.array([0.1, 0.2, 0.4, 0.8])
+    x_adv, _ = pgd(f, x, jnp.zeros(4, jnp.int32), norm="l2", eps=eps, step=0.3, steps=8,
+                   targeted=False)
+    assert (_l2(x_adv - x) <= np.asarray(eps) * (1 + 1e-5)).all()
+
+
+def test_pgd_targeted_raises_target_probability():
+    f = _linear(jax.random.key(3))
+    x = _batch(jax.random.key(4))
+    t = jnp.full((16,), 2)
+    x_adv, info = pgd(f, x, jnp.zeros(16, jnp.int32), norm="linf", eps=0.1, step=0.02,
+                      steps=10, targeted=True, target=t)
+    p0 = jax.nn.softmax(f(x))[:, 2]
+    p1 = jax.nn.softmax(f(x_adv))[:, 2]
+    assert float(jnp.mean(p1)) > float(jnp.mean(p0)) + 0.2
+    np.testing.assert_array_equal(info["success"], jnp.argmax(f(x_adv), -1) == 2)
+
+
+def test_pgd_untargeted_raises_loss():
+    f = _linear(jax.random.key(5))
+    x = _batch(jax.random.key(6))
+    y = jnp.argmax(f(x), -1)
+    x_adv, _ = pgd(f, x, y, norm="l2", eps=0.5, step=0.1, steps=5, targeted=False)
+    ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(f(z), y)
+    assert (np.asarray(ce(x_adv)) >= np.asarray(ce(x)) - 1e-6).all()
+    assert float(jnp.mean(ce(x_adv))) > float(jnp.mean(ce(x))) + 0.5
+
+
+def test_pgd_early_exit_and_frozen_successes():
+    f = _linear(jax.random.key(7))
+    x = _batch(jax.random.key(8))
+    y = jnp.argmax(f(x), -1)
+    kw = dict(norm="linf", eps=0.3, step=0.1, steps=20, targeted=False)
+    _, full = pgd(f, x, y, **kw)
+    x_adv, early = pgd(f, x, y, stop_fraction=0.5, **kw)
+    assert int(full["iterations"]) == 20
+    assert 0 < int(early["iterations"]) < 20
+    assert float(early["success_rate"]) >= 0.5
+    # Already-successful samples do not move: zero steps when the goal holds at start.
+    _, none = pgd(f, x, (y + 1) % 5, stop_fraction=1.0, **kw)
+    assert int(none["iterations"]) == 0
+
+
+def test_pgd_vmap_equals_separate_calls():
+    f = _linear(jax.random.key(9))
+    xs = jnp.stack([_batch(jax.random.key(k)) for k in (10, 11, 12)])
+    ys = jnp.stack([jnp.argmax(f(x), -1) for x in xs])
+    run = functools.partial(pgd, f, norm="l2", eps=0.6, step=0.15, steps=12,
+                            targeted=False, stop_fraction=0.7)
+    together, info = jax.jit(jax.vmap(lambda x, y: run(x, y)))(xs, ys)
+    for i in range(3):
+        alone, one = jax.jit(run)(xs[i], ys[i])
+        np.testing.assert_allclose(together[i], alone, atol=1e-6)
+        assert int(info["iterations"][i]) == int(one["iterations"])
+    assert len(set(np.asarray(info["iterations"]).tolist())) > 1  # loops really differ
+
+
+def test_pgd_rejects_bad_arguments():
+    f = _linear(jax.random.key(0))
+    x = _batch(jax.random.key(1), n=2)
+    with pytest.raises(BdjaxError, match="norm"):
+        pgd(f, x, jnp.zeros(2, jnp.int32), norm="l1", eps=1, step=1, steps=1, targeted=False)
+    with pytest.raises(BdjaxError, match="target"):
+        pgd(f, x, jnp.zeros(2, jnp.int32), norm="l2", eps=1, step=1, steps=1, targeted=True)
+
+
+# ------------------------------------------------------------------------- polariser
+def test_config_defaults_and_validation():
+    c = npd.NPDConfig()
+    assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay) == (50, 128, 0.01, 0.9,
+                                                                          5e-4)
+    assert (c.warmup_epochs, c.warmup_lr, c.radius, c.pgd_step, c.pgd_steps) == (5, 1e-4, 3.0,
+                                                                                 0.1, 2)
+    assert (c.stop_fraction, c.lambda1, c.lambda2, c.lambda3) == (0.6, 1.0, 0.4, 0.4)
+    g = npd.config_for("gtsrb")
+    assert (g.radius, g.lambda2) == (5.0, 0.5)
+    assert npd.config_for("tiny_imagenet", epochs=3).radius == 6.0
+    with pytest.raises(BdjaxError, match="stop_fraction"):
+        npd.NPDConfig(stop_fraction=0.0)
+    with pytest.raises(BdjaxError, match="norm"):
+        npd.NPDConfig(norm="l1")
+    with pytest.raises(BdjaxError, match="dataset"):
+        npd.config_for("mnist")
+
+
+@pytest.mark.parametrize("name,where,channels", [("small_cnn", "conv4", 64),
+                                                 ("preact_resnet18", "layer4_1/conv1", 512),
+                                                 ("vgg19_bn", "conv15", 512)])
+def test_polariser_sits_at_the_named_conv(name, where, channels):
+    model = models.get(name)
+    assert model.spec.polariser_at == where
+    assert npd.polariser_channels(model) == channels
+
+
+def test_identity_polariser_keeps_the_model(backdoored):
+    model, state, _, test = backdoored
+    st = {**state, "polariser": npd.init_polariser(model)}
+    x = test.x_clean[:64]
+    np.testing.assert_allclose(npd.apply_with_polariser(model, st, x), model.apply(state, x),
+                               rtol=1e-3, atol=1e-4)
+    # A polariser that zeroes its input must change the output: it really is applied.
+    zero = jax.tree_util.tree_map(jnp.zeros_like, st["polariser"]["params"])
+    z = {**st, "polariser": {**st["polariser"], "params": zero}}
+    assert not np.allclose(npd.apply_with_polariser(model, z, x), model.apply(state, x))
+
+
+def test_polariser_batchnorm_train_mode():
+    pol = {"params": {"conv": {"kernel": jnp.eye(3)[None, None]},
+                      "bn": {"scale": jnp.ones(3), "bias": jnp.zeros(3)}},
+           "batch_stats": {"bn": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}}
+    h = jax.random.normal(jax.random.key(0), (4, 2, 2, 3)) * 3 + 1
+    out, stats = npd.polarise(pol, h, train=True)
+    np.testing.assert_allclose(out.mean((0, 1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(out.std((0, 1, 2)), 1, atol=1e-3)
+    var = np.var(np.asarray(h).reshape(-1, 3), 0, ddof=1)  # PyTorch's unbiased running var
+    np.testing.assert_allclose(stats["bn"]["var"], 0.9 + 0.1 * var, rtol=1e-5)
+
+
+def test_losses_match_their_equations():
+    logits = jax.random.normal(jax.random.key(0), (6, 5)) * 4
+    y = jnp.array([0, 1, 2, 3, 4, 0])
+    yt = jnp.array([1, 2, 3, 4, 0, 2])
+    p = np.asarray(jax.nn.softmax(logits))
+    l_bn, l_asr, l_bce = npd.npd_losses(logits, logits, y, yt)
+    rows = np.arange(6)
+    others = p.copy()
+    others[rows, np.asarray(y)] = -1
+    np.testing.assert_allclose(l_bn, -np.log(p[rows, y]).mean(), rtol=1e-5)
+    np.testing.assert_allclose(l_asr, -np.log(1 - p[rows, yt]).mean(), rtol=1e-5)  # Eq. (2)
+    np.testing.assert_allclose(l_bce, (-np.log(p[rows, y])                          # Eq. (3)
+                                       - np.log(1 - others.max(1))).mean(), rtol=1e-5)
+
+
+def test_state_with_polariser_round_trips_through_checkpoint(backdoored, tmp_path):
+    model, state, _, test = backdoored
+    pol = npd.init_polariser(model)
+    pol = jax.tree_util.tree_map(lambda a: a + 0.01, pol)
+    st = {**state, "polariser": pol}
+    checkpoint.save(tmp_path / "ck", model, st, {"defense": "npd"})
+    model2, st2, _ = checkpoint.restore(tmp_path / "ck")
+    assert model2 == model
+    jax.tree_util.tree_map(np.testing.assert_array_equal, st2["polariser"], pol)
+    x = test.x_clean[:16]
+    np.testing.assert_allclose(npd.apply_with_polariser(model2, st2, x),
+                               npd.apply_with_polariser(model, st, x), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- defense
+def _scores_with_polariser(model, states, test):
+    """ACC/ASR/RA per trial, evaluated WITH the polariser (experiment.evaluate_trials
+    calls model.apply, which does not know about it)."""
+
+    def one(s):
+        pred = lambda x: jnp.argmax(jax.lax.map(
+            lambda b: npd.apply_with_polariser(model, s, b),
+            x.reshape(10, -1, *x.shape[1:])).reshape(x.shape[0], -1), -1)
+        out = metrics.attack_metrics(pred(test.x_poisoned), test.y, test.y_target, test.valid)
+        return {"acc": metrics.accuracy(pred(test.x_clean), test.y), "asr": out["asr"],
+                "ra": out["ra"]}
+
+    return {k: np.asarray(v) for k, v in jax.jit(jax.vmap(one))(states).items()}
+
+
+def _keys(trials):
+    return jnp.stack([jax.random.fold_in(experiment.trial_key(0, t), 1) for t in trials])
+
+
+QUICK = npd.NPDConfig(epochs=1, warmup_epochs=1, batch_size=64, lr=1e-3)
+
+
+def test_vmap_matches_sequential_with_polariser(backdoored, small_data):
+    """assert_vmap_matches_sequential's equivalent with polariser-aware scores (the
+    shared helper scores with model.apply and would compare the undefended backbone)."""
+    model, state, _, test = backdoored
+    d = Defense(name="npd", defend=npd.defend, config=QUICK)
+    trials = (0, 1)
+    together = experiment.run_defense(model, state, d,
+                                      experiment.split_for_trials(small_data, trials, 0, spc=10),
+                                      _keys(trials))
+    scores = _scores_with_polariser(model, together.states, test)
+    for i, t in enumerate(trials):
+        alone = experiment.run_defense(model, state, d,
+                                       experiment.split_for_trials(small_data, (t,), 0, spc=10),
+                                       _keys((t,)), strategy="sequential")
+        one = _scores_with_polariser(model, alone.states, test)
+        for k in ("acc", "asr", "ra"):
+            assert abs(float(one[k][0]) - float(scores[k][i])) <= 1e-5, (k, t, one, scores)
+        np.testing.assert_allclose(
+            alone.states["polariser"]["params"]["conv"]["kernel"][0],
+            together.states["polariser"]["params"]["conv"]["kernel"][i], atol=1e-5)
+    # The polariser moved away from the identity in every trial.
+    k = np.asarray(together.states["polariser"]["params"]["conv"]["kernel"])[:, 0, 0]
+    assert (np.abs(k - np.eye(k.shape[-1])).max(axis=(1, 2)) > 1e-4).all()
+
+
+def test_compiles_once(backdoored, small_data):
+    model, state, _, _ = backdoored
+    assert_compiles_once(model, state, Defense(name="npd", defend=npd.defend, config=QUICK),
+                         small_data)
+
+
+# Scaled for CPU: SPC 100 (900 images, 8 batches of 128), 2 warm-up + 4 main epochs, and
+# lr 1e-3: on this small CNN the polariser's gradient norm is ~30 at the first step, so
+# the reference lr 0.01 (momentum 0.9) wrecks clean accuracy within a few steps.
+EFFECT = npd.NPDConfig(epochs=4, warmup_epochs=2, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def effect(backdoored, small_data):
+    model, state, _, test = backdoored
+    trials = (0, 1)
+    run = experiment.run_defense(model, state, Defense(name="npd", defend=npd.defend,
+                                                       config=EFFECT),
+                                 experiment.split_for_trials(small_data, trials, 0, spc=100),
+                                 _keys(trials))
+    return experiment.evaluate(model, state, test), _scores_with_polariser(model, run.states,
+                                                                           test), run
+
+
+def test_effect_keeps_clean_accuracy(effect):
+    before, after, run = effect
+    assert before["acc"] - float(after["acc"].mean()) < 0.10, (before, after)
+    # The outer problem is being solved: the Eq. (5) loss falls over the main epochs.
+    loss = np.asarray(run.reports["train_loss"])
+    assert (loss[:, -1] < loss[:, 0]).all(), loss
