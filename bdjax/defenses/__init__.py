@@ -51,6 +51,7 @@ _REGISTRY: dict[str, tuple[str, str, str, bool, dict]] = {
     "ft_init": ("fst", "defend", "FSTConfig", False, dict(
         reinit_head=True, tune="all", alpha=0.0, project=False)),
     "npd": ("npd", "defend", "NPDConfig", False, {}),
+    "grad_prune": ("grad_prune", "defend", "GradPruneConfig", True, {}),
 }
 
 
