@@ -52,6 +52,7 @@ _REGISTRY: dict[str, tuple[str, str, str, bool, dict]] = {
         reinit_head=True, tune="all", alpha=0.0, project=False)),
     "npd": ("npd", "defend", "NPDConfig", False, {}),
     "grad_prune": ("grad_prune", "defend", "GradPruneConfig", True, {}),
+    "ft_sam": ("ft_sam", "defend", "FTSAMConfig", False, {}),
 }
 
 

@@ -135,25 +135,30 @@ def train_step(model: Model, tx: optax.GradientTransformation, opts: StepOptions
     return {**state, "params": params, "batch_stats": new_bs}, opt_state, loss, acc
 
 
-def run_epoch(model: Model, tx, opts: StepOptions, batch_size: int, state: State,
-              opt_state, x, y, key, grad_mask=None, **step_kwargs):
-    """One shuffled pass over (x, y) inside ``lax.scan``; returns mean loss and accuracy.
-
-    ``step_kwargs`` go to :func:`train_step` (penalty, project, bn_train).
-    """
+def scan_epoch(step: Callable, batch_size: int, state: State, opt_state, x, y, key):
+    """One shuffled pass over (x, y) inside ``lax.scan`` with any
+    ``step(state, opt_state, xb, yb, key) -> (state, opt_state, loss, accuracy)``;
+    returns the final (state, opt_state) and the epoch's mean loss and accuracy."""
     k_perm, k_steps = jax.random.split(key)
     idx = batch_indices(k_perm, x.shape[0], batch_size)
     keys = jax.random.split(k_steps, idx.shape[0])
 
     def body(carry, inp):
-        st, os_ = carry
         b, k = inp
-        st, os_, loss, acc = train_step(model, tx, opts, st, os_, x[b], y[b], k, grad_mask,
-                                        **step_kwargs)
+        st, os_, loss, acc = step(*carry, x[b], y[b], k)
         return (st, os_), (loss, acc)
 
     (state, opt_state), (losses, accs) = jax.lax.scan(body, (state, opt_state), (idx, keys))
     return state, opt_state, jnp.mean(losses), jnp.mean(accs)
+
+
+def run_epoch(model: Model, tx, opts: StepOptions, batch_size: int, state: State,
+              opt_state, x, y, key, grad_mask=None, **step_kwargs):
+    """One shuffled epoch of :func:`train_step`; ``step_kwargs`` go to it (penalty,
+    project, bn_train)."""
+    step = lambda st, os_, xb, yb, k: train_step(model, tx, opts, st, os_, xb, yb, k,
+                                                 grad_mask, **step_kwargs)
+    return scan_epoch(step, batch_size, state, opt_state, x, y, key)
 
 
 def logits_in_batches(model: Model, state: State, x, batch_size: int = 500):
