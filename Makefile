@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/bdjax demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 clean:
 	rm -rf $(VENV) runs
