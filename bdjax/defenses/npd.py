@@ -56,7 +56,7 @@ import optax
 
 from bdjax.data import DefenseData
 from bdjax.errors import BdjaxError, check_choice
-from bdjax.kernels import batch_indices, crop_flip, cross_entropy, sgd, to_unit
+from bdjax.kernels import batch_indices, crop_flip, cross_entropy, evaluate, sgd, to_unit
 from bdjax.kernels.pgd import NORMS, STEP_KINDS, pgd
 from bdjax.models import Model, State
 from bdjax.models.polariser import _path, polarise, polariser_interceptor
@@ -293,17 +293,6 @@ def _epochs(step, n_epochs: int, batch_size: int, state, opt, x, y, key, n_out: 
     return jax.lax.fori_loop(0, n_epochs, epoch, (state, opt, hist0))
 
 
-def _val(model: Model, state: State, x, y, batch_size: int = 500):
-    """(accuracy, CE) of the polarised model on the defender's validation split."""
-    n = x.shape[0]
-    bs = min(batch_size, n)
-    chunks = -(-n // bs)
-    xp = jnp.concatenate([x, x[: chunks * bs - n]]) if chunks * bs > n else x
-    logits = jax.lax.map(lambda xb: apply_with_polariser(model, state, to_unit(xb)),
-                         xp.reshape(chunks, bs, *x.shape[1:])).reshape(chunks * bs, -1)[:n]
-    return jnp.mean(jnp.argmax(logits, -1) == y), cross_entropy(logits, y)
-
-
 def defend(model: Model, state: State, data: DefenseData, config: NPDConfig,
            key: jax.Array):
     """Learns a neural polariser for one trial; returns (state, report).
@@ -320,7 +309,7 @@ def defend(model: Model, state: State, data: DefenseData, config: NPDConfig,
     steps = -(-n // min(config.batch_size, n))
     state = {**state, "polariser": init_polariser(model)}
     k_warm, k_main = jax.random.split(key)
-    val_acc0, val_loss0 = _val(model, state, data.x_val, data.y_val)
+    val_acc0, val_loss0 = evaluate(model, state, data.x_val, data.y_val)
 
     warm_tx = optax.sgd(config.warmup_lr)
     warm = lambda st, os_, xb, yb, k: _warmup_step(model, warm_tx, config, st, os_,
@@ -328,7 +317,7 @@ def defend(model: Model, state: State, data: DefenseData, config: NPDConfig,
     state, _, (warm_loss,) = _epochs(warm, config.warmup_epochs, config.batch_size, state,
                                      warm_tx.init(state["polariser"]["params"]), x, y,
                                      k_warm, 1)
-    val_acc_warm, _ = _val(model, state, data.x_val, data.y_val)
+    val_acc_warm, _ = evaluate(model, state, data.x_val, data.y_val)
 
     tx = sgd(config.sgd, config.epochs * steps)
     main = lambda st, os_, xb, yb, k: _main_step(model, tx, config, st, os_,
@@ -336,7 +325,7 @@ def defend(model: Model, state: State, data: DefenseData, config: NPDConfig,
     state, _, (loss, success, iters) = _epochs(main, config.epochs, config.batch_size, state,
                                                tx.init(state["polariser"]["params"]), x, y,
                                                k_main, 3)
-    val_acc, val_loss = _val(model, state, data.x_val, data.y_val)
+    val_acc, val_loss = evaluate(model, state, data.x_val, data.y_val)
     report = dict(val_acc_before=val_acc0, val_loss_before=val_loss0,
                   val_acc_warmup=val_acc_warm, val_acc=val_acc, val_loss=val_loss,
                   warmup_loss=warm_loss, train_loss=loss, pgd_success=success,
