@@ -66,15 +66,25 @@ def filter_scores(loss_fn: Callable[[Any, Any], jax.Array], params, batches) -> 
       Dunnett et al., "Unlearning Backdoor Attacks through Gradient-Based Model
       Pruning" (Grad-Prune, papers/000), section IV-B, eq. 3.
     """
-    grad_fn = jax.grad(loss_fn)
+    # Differentiate with respect to the conv kernels only: the other gradients (a VGG
+    # head's 25088x4096 matrix above all) would be computed and carried for nothing.
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [path_name(p) if jnp.ndim(leaf) == 4 else None for p, leaf in leaves]
+
+    def with_kernels(kernels):
+        return jax.tree_util.tree_unflatten(
+            treedef, [leaf if n is None else kernels[n] for n, (_, leaf) in zip(names, leaves)])
+
+    grad_fn = jax.grad(lambda kernels, batch: loss_fn(with_kernels(kernels), batch))
 
     def body(total, batch):
-        g = grad_fn(params, batch)
+        g = grad_fn(kernels0, batch)
         return jax.tree_util.tree_map(jnp.add, total, g), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    kernels0 = conv_kernels(params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, kernels0)
     total, _ = jax.lax.scan(body, zeros, batches)
-    return per_filter_mean_abs(conv_kernels(total))
+    return per_filter_mean_abs(total)
 
 
 def filter_index(filters: Filters) -> FilterIndex:
