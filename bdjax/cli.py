@@ -4,6 +4,7 @@
         --target 0 --seed 0 --out DIR
     bdjax defend --checkpoint DIR --defense ft --spc 10 --trials 5 --seed 0 --out results.jsonl
     bdjax info DIR
+    bdjax table results.jsonl
     bdjax demo
 
 Bad input ends with one sentence on stderr and exit code 2.
@@ -80,6 +81,26 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a checkpoint's metadata")
     i.add_argument("directory")
 
+    t = sub.add_parser("table", help="mean/std table of result rows (JSONL files)")
+    t.add_argument("files", nargs="+", help="JSONL files written by `bdjax defend`")
+
+    b = sub.add_parser("bench", help="time models, defense units and whole defenses; "
+                       "bdjax vs PyTorch; JSON under benchmarks/results/")
+    b.add_argument("--quick", action="store_true",
+                   help="small sizes: a few minutes on a CPU (default: the full run)")
+    b.add_argument("--models", help="models of the units, comma-separated "
+                   "(default: small_cnn,preact_resnet18,vgg19_bn; quick: small_cnn,preact_resnet18)")
+    b.add_argument("--defense-models", help="models whose defenses and trial scaling are "
+                   "timed (default: small_cnn,preact_resnet18; quick: small_cnn; '' for none)")
+    b.add_argument("--defenses", help="defenses to time (default: all)")
+    b.add_argument("--trials", help="trial counts of the scaling runs (default 1,2,4,8,16; "
+                   "quick 1,2,4)")
+    b.add_argument("--dtypes", default="float32",
+                   help="compute dtypes of the units: float32 (default), bfloat16 or both")
+    b.add_argument("--repeats", type=int, help="timed runs per figure (default 5; quick 3)")
+    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    b.add_argument("--out", help="JSON path (default benchmarks/results/DATE-DEVICE.json)")
+
     m = sub.add_parser("demo", help="attack + defend on the embedded data, then a table")
     m.add_argument("--out-dir", default="runs/demo", help="where to write (default runs/demo)")
     m.add_argument("--trials", type=int, default=5)
@@ -134,6 +155,22 @@ def _defend(args) -> list[dict]:
     return rows
 
 
+def _table(args) -> None:
+    from bdjax import experiment
+    from bdjax.errors import BdjaxError
+
+    rows = []
+    for f in args.files:
+        if not pathlib.Path(f).is_file():
+            raise BdjaxError(f"results file {f!r} does not exist; accepted: a JSONL file "
+                             "written by `bdjax defend --out`.")
+        rows += experiment.read_rows(f)
+    if not rows:
+        raise BdjaxError(f"no result rows in {' '.join(args.files)}; accepted: files with "
+                         "rows written by `bdjax defend --out`.")
+    print(experiment.table(rows))
+
+
 def _demo(args) -> None:
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             from bdjax import checkpoint
 
             print(checkpoint.describe(args.directory))
+        elif args.command == "bench":
+            from bdjax import bench
+
+            bench.main(args)
+        elif args.command == "table":
+            _table(args)
         elif args.command == "demo":
             _demo(args)
     except BdjaxError as e:

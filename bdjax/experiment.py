@@ -368,20 +368,23 @@ def run_defense_on_checkpoint(checkpoint_dir, defense: str, *, overrides: dict |
 
 # ---------------------------------------------------------------------------------- table
 def table(rows: list[dict]) -> str:
-    """Mean and std over trials of ACC/ASR/RA before and after, per defense setting."""
-    groups: dict[str, list[dict]] = {}
+    """Mean and std over trials of ACC/ASR/RA before and after, per (attack, defense,
+    setting), with the run seconds per trial (the batch's run time over its trials)."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
         setting = f"spc={r['spc']}" if r.get("spc") is not None else f"ratio={r.get('ratio')}"
-        groups.setdefault(f"{r['defense']} {setting}", []).append(r)
-    head = ["defense", "trials", "ACC before", "ASR before", "RA before", "ACC", "ASR", "RA",
-            "DER"]
+        groups.setdefault((r.get("attack", "?"), f"{r['defense']} {setting}"), []).append(r)
+    head = ["attack", "defense", "trials", "ACC before", "ASR before", "RA before", "ACC",
+            "ASR", "RA", "DER", "s/trial"]
     lines = [head]
-    for name, rs in groups.items():
-        cells = [name, str(len(rs))]
+    for (attack, name), rs in groups.items():
+        cells = [attack, name, str(len(rs))]
         for k in ("acc_before", "asr_before", "ra_before", "acc", "asr", "ra", "der"):
             vals = np.array([np.nan if r.get(k) is None else r[k] for r in rs], float)
             mean, std = metrics.mean_std(vals)
             cells.append(f"{100 * float(mean):5.1f} ± {100 * float(std):4.1f}")
+        secs = [r["seconds_run"] for r in rs if r.get("seconds_run") is not None]
+        cells.append(f"{np.mean(secs):.1f}" if secs else "-")
         lines.append(cells)
     widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
     fmt = lambda l: "| " + " | ".join(c.ljust(w) for c, w in zip(l, widths)) + " |"
