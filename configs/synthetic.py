@@ -15,6 +15,10 @@ reference settings except where the small CNN's scale needs another value:
 - fst alpha 0.02 (paper: 0.2 for ResNet-18): the small CNN's head has ||W||^2 ~ 60-100,
   so with 0.2 the inner-product penalty (as low as -alpha ||W||^2) outweighs the CE
   loss and costs ~40 points of clean accuracy; 0.02 keeps the penalty at the CE's scale.
+- CPU scaling of the long defenses (reference values in brackets): ft_sam 20 epochs at
+  batch 128, lr 0.02 [100 epochs, batch 256, lr 0.01]; npd 10 main epochs [50];
+  grad_prune's fine-tuning capped at 30 epochs [patience only, F_t = 10 kept]. On a GPU,
+  pass --set epochs=100 etc. or a config of your own to get the reference runs.
 - synthetic images are 32x32 like CIFAR but the dataset has no flips (REFERENCE: flips
   are a CIFAR convention); the runner sets flip=False from the dataset.
 
@@ -32,5 +36,10 @@ def get_config(smoke: bool = False) -> dict:
     return {
         "dataset_args": {},
         "train": {"epochs": 20, "batch_size": 128, "lr": 0.05},
-        "defenses": {"fst": {"alpha": 0.02}},
+        "defenses": {
+            "fst": {"alpha": 0.02},
+            "ft_sam": {"epochs": 20, "batch_size": 128, "lr": 0.02},
+            "npd": {"epochs": 10},
+            "grad_prune": {"epochs": 30},
+        },
     }
