@@ -2,7 +2,7 @@
 
     bdjax bench --quick                  # a few minutes on a 2-core CPU
     bdjax bench                          # full: every model at the real shapes (GPU)
-    bdjax bench --dtypes float32,bfloat16 --trials 1,2,4,8,16
+    bdjax bench --models preact_resnet18 --defenses npd,ft_sam --trials 1,4,16
 
 What it measures, for each model on data of the real shapes (random uint8 images and
 labels: timing must not depend on a download), every figure the median of ``repeats``
@@ -23,8 +23,8 @@ runs with its spread, compile time always apart from run time:
   (``rounds`` pruning rounds, ``epochs`` of fine-tuning, no early stop) so that every
   run does the same work;
 - **trial scaling**: each defense with T vmapped trials (``--trials``), time(T)/time(1);
-- **bf16**: with ``--dtypes float32,bfloat16`` the units run with bfloat16 compute and
-  float32 parameters too (meant for accelerators; CPUs emulate bfloat16 slowly).
+- **bf16**: the units run with bfloat16 compute and float32 parameters too (default on
+  accelerators; on a CPU, which emulates bfloat16, only with ``--dtypes``).
 
 Output: one JSON file (machine, device, versions, settings, every figure) under
 ``benchmarks/results/``, written atomically, and markdown tables on stdout.
@@ -52,7 +52,7 @@ import numpy as np
 from bdjax import attacks, defenses, experiment, models
 from bdjax.data import DefenseData
 from bdjax.errors import BdjaxError, check_choice
-from bdjax.kernels import SGDConfig, StepOptions, evaluate, sgd, train_step
+from bdjax.kernels import SGDConfig, StepOptions, evaluate, sgd, to_unit, train_step
 from bdjax.kernels.masks import apply_masks, ones_masks
 from bdjax.kernels.sam import run_sam_epoch, sam_train_step
 from bdjax.kernels.scores import filter_scores, flatten, top_filter, unflatten
@@ -104,10 +104,12 @@ _SHORT = {"ft": dict(epochs=1), "fst": dict(epochs=1), "lp": dict(epochs=1),
                              ft_patience=1)}
 
 FULL = Profile(models=("small_cnn", "preact_resnet18", "vgg19_bn"),
-               defense_models=("small_cnn", "preact_resnet18"), n_train=2500, n_val=250,
+               defense_models=("small_cnn", "preact_resnet18", "vgg19_bn"), n_train=2500,
+               n_val=250,
                batch=128, repeats=5, steps_per_repeat=20, trials=(1, 2, 4, 8, 16),
                defense_overrides=_FULL_DEFENSES, scaling_overrides=_SHORT, matmul=8192)
-QUICK = Profile(models=("small_cnn", "preact_resnet18"), defense_models=("small_cnn",),
+QUICK = Profile(models=("small_cnn", "preact_resnet18", "vgg19_bn"),
+                defense_models=("small_cnn",),
                 n_train=256, n_val=32, batch=64, repeats=3, steps_per_repeat=2,
                 trials=(1, 2, 4), defense_overrides={**_SHORT, "ft_sam": dict(epochs=2),
                                                      "npd": dict(epochs=2, warmup_epochs=1)},
@@ -224,15 +226,17 @@ def _ft_sam_unit(model, state, d, batch):
 def _npd_unit(model, state, d, batch):
     from bdjax.defenses import npd
 
-    cfg = npd.NPDConfig(batch_size=batch)
+    cfg = npd.NPDConfig(batch_size=batch, augment=False)
     tx = sgd(cfg.sgd, 1)
     x, y = jnp.asarray(d["x"]), jnp.asarray(d["y"])
     state = {**state, "polariser": npd.init_polariser(model)}
-    main = lambda st, os_, xb, yb, k: npd._main_step(model, tx, cfg, st, os_, xb, yb)
+    main = lambda st, os_, xb, yb, k: npd._main_step(model, tx, cfg, st, os_,
+                                                     npd._batch(xb, cfg, k), yb)
     run = lambda st, os_, key: npd._epochs(main, 1, batch, st, os_, x, y, key, 3)
     opt = tx.init(state["polariser"]["params"])
     args = (state, opt, jax.random.key(0))
-    one = lambda st, os_: npd._main_step(model, tx, cfg, st, os_, x[:batch], y[:batch])
+    one = lambda st, os_: npd._main_step(model, tx, cfg, st, os_, to_unit(x[:batch]),
+                                         y[:batch])
     f = step_flops(one, state, opt)
     steps = -(-x.shape[0] // batch)
     return run, args, f * steps if f else None, x.shape[0]
@@ -535,7 +539,9 @@ def main(args) -> dict:
         profile = dataclasses.replace(profile, trials=parse_ints(args.trials, "--trials"))
     if args.repeats:
         profile = dataclasses.replace(profile, repeats=args.repeats)
-    dtypes = tuple(args.dtypes.split(","))
+    # bfloat16 is for accelerators (CPUs emulate it); there it is measured by default.
+    default = "float32" if jax.default_backend() == "cpu" else "float32,bfloat16"
+    dtypes = tuple((args.dtypes or default).split(","))
     for dt in dtypes:
         check_choice("dtype", dt, models.DTYPES)
     names = args.defenses.split(",") if args.defenses else None

@@ -89,14 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true",
                    help="small sizes: a few minutes on a CPU (default: the full run)")
     b.add_argument("--models", help="models of the units, comma-separated "
-                   "(default: small_cnn,preact_resnet18,vgg19_bn; quick: small_cnn,preact_resnet18)")
+                   "(default: small_cnn,preact_resnet18,vgg19_bn)")
     b.add_argument("--defense-models", help="models whose defenses and trial scaling are "
-                   "timed (default: small_cnn,preact_resnet18; quick: small_cnn; '' for none)")
+                   "timed (default: all three; quick: small_cnn; '' for none)")
     b.add_argument("--defenses", help="defenses to time (default: all)")
     b.add_argument("--trials", help="trial counts of the scaling runs (default 1,2,4,8,16; "
                    "quick 1,2,4)")
-    b.add_argument("--dtypes", default="float32",
-                   help="compute dtypes of the units: float32 (default), bfloat16 or both")
+    b.add_argument("--dtypes", help="compute dtypes of the units, comma-separated: float32, "
+                   "bfloat16 (default: float32 on CPU, both on accelerators)")
     b.add_argument("--repeats", type=int, help="timed runs per figure (default 5; quick 3)")
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     b.add_argument("--out", help="JSON path (default benchmarks/results/DATE-DEVICE.json)")

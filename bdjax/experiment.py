@@ -12,6 +12,7 @@ trial's numbers do not depend on which other trials run beside it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -19,7 +20,7 @@ import os
 import pathlib
 import platform
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -100,8 +101,11 @@ def _one_trial(defense: Defense, model: Model) -> Callable:
 
 
 # Compiled defenses, one per (model, defense with its settings, strategy, argument shapes):
-# a sweep that calls run_defense for many checkpoints or trial blocks compiles once.
-_COMPILED: dict = {}
+# a sweep that calls run_defense for many checkpoints or trial blocks compiles once. The
+# least recently used executable is dropped beyond _MAX_COMPILED (each holds device code
+# and, for big models, buffers), so a long sweep over many settings stays bounded.
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_MAX_COMPILED = 32
 
 
 def _signature(*args):
@@ -113,6 +117,7 @@ def _compiled(model: Model, defense: Defense, strategy: str, *args):
     """(executable, seconds spent compiling it now; 0 when it was cached)."""
     key = (model, defense, strategy, _signature(*args))
     if key in _COMPILED:
+        _COMPILED.move_to_end(key)
         return _COMPILED[key], 0.0
     fn = _one_trial(defense, model)
     if strategy == "vmap":
@@ -120,6 +125,8 @@ def _compiled(model: Model, defense: Defense, strategy: str, *args):
     t0 = time.perf_counter()
     exe = jax.jit(fn).lower(*args).compile()
     _COMPILED[key] = exe
+    while len(_COMPILED) > _MAX_COMPILED:
+        _COMPILED.popitem(last=False)
     return exe, time.perf_counter() - t0
 
 

@@ -29,3 +29,22 @@ def backdoored(small_data):
     state, _ = train(model, p.x, p.y, TrainConfig(epochs=8, lr=0.05, augment=False), jax.random.key(2),
                      progress=False)
     return model, state, atk, attacks.test_set(atk, ds.x_test, ds.y_test, ds.num_classes)
+
+
+@pytest.fixture(scope="session")
+def backdoored_augmented(small_data):
+    """The same attack, trained with random-crop augmentation at batch 32 (8 epochs, about
+    the same time): about 92% clean accuracy and 94% ASR.
+
+    Grad-Prune needs this model. Trained without augmentation, the small CNN memorises
+    its training images and leans on single filters: pruning any one top-scored filter
+    costs at least 10 points of validation accuracy, so pruning stops at round 0. With
+    crop augmentation, 2-5 filters are pruned at a cost of 1-5 points each.
+    """
+    ds = small_data
+    model = models.for_dataset("small_cnn", ds)
+    atk = attacks.get("badnets", target=0)
+    p = attacks.poison(atk, ds.x_train, ds.y_train, ds.num_classes, 0.1, jax.random.key(1))
+    state, _ = train(model, p.x, p.y, TrainConfig(epochs=8, lr=0.05, batch_size=32), jax.random.key(2),
+                     flip=False, progress=False)
+    return model, state, atk, attacks.test_set(atk, ds.x_test, ds.y_test, ds.num_classes)

@@ -1,16 +1,17 @@
-"""Checks every defense must pass; each defense's test module calls them.
+"""The check every defense must pass; each defense's test module calls it.
 
-- ``assert_vmap_matches_sequential``: T trials in one ``jit(vmap(defend))`` give the same
-  ACC/ASR/RA (within 1e-5) as T separate one-trial runs.
-- ``assert_compiles_once``: two runs of the same setting on different trial data trace
-  the defense once (``chex.assert_max_traces``) and the second run compiles nothing.
+``assert_vmap_matches_sequential``: T trials in one ``jit(vmap(defend))`` give the same
+ACC/ASR/RA (within 1e-5) as T separate one-trial runs, and the defense compiles once per
+setting: a second vmapped run on other trials' data (same shapes) traces and compiles
+nothing (a trace counter, as ``chex.assert_max_traces`` but per call of this check, since
+variants such as lp/fe_tuning share one ``defend``: one trace for the vmapped program,
+one for the one-trial program of the separate runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,25 +30,29 @@ def _split(dataset, trials, spc, trigger):
 
 def assert_vmap_matches_sequential(model, state, defense, dataset, test, *, spc=10,
                                    trials=(0, 1, 2), trigger=None, atol=1e-5):
-    together = experiment.run_defense(model, state, defense, _split(dataset, trials, spc, trigger),
-                                      _keys(trials))
+    traces = []
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return defense.defend(*args, **kwargs)
+
+    traced = dataclasses.replace(defense, defend=counted)
+    together = experiment.run_defense(model, state, traced,
+                                      _split(dataset, trials, spc, trigger), _keys(trials))
+    others = tuple(t + len(trials) for t in trials)
+    again = experiment.run_defense(model, state, traced, _split(dataset, others, spc, trigger),
+                                   _keys(others))
+    assert together.seconds_compile > 0 and again.seconds_compile == 0
+    assert len(traces) == 1, f"{len(traces)} traces for one vmapped setting"
+    leaves = jax.tree_util.tree_leaves(again.states)
+    assert all(np.isfinite(np.asarray(a)).all() for a in leaves)
     scores = experiment.evaluate_trials(model, together.states, test)
     for i, t in enumerate(trials):
-        alone = experiment.run_defense(model, state, defense,
+        alone = experiment.run_defense(model, state, traced,
                                        _split(dataset, (t,), spc, trigger), _keys((t,)),
                                        strategy="sequential")
         one = experiment.evaluate_trials(model, alone.states, test)
         for k in ("acc", "asr", "ra"):
             assert abs(float(one[k][0]) - float(scores[k][i])) <= atol, (k, t, one, scores)
+    assert len(traces) == 2, f"{len(traces)} traces: the one-trial program was traced again"
     return together, scores
-
-
-def assert_compiles_once(model, state, defense, dataset, *, spc=10, trigger=None):
-    traced = dataclasses.replace(defense, defend=chex.assert_max_traces(defense.defend, n=1))
-    first = experiment.run_defense(model, state, traced, _split(dataset, (0, 1), spc, trigger),
-                                   _keys((0, 1)))
-    second = experiment.run_defense(model, state, traced, _split(dataset, (2, 3), spc, trigger),
-                                    _keys((2, 3)))
-    assert first.seconds_compile > 0 and second.seconds_compile == 0
-    leaves = jax.tree_util.tree_leaves(second.states)
-    assert all(np.isfinite(np.asarray(a)).all() for a in leaves)

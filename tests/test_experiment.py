@@ -1,12 +1,12 @@
+import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdjax import defenses, experiment
+from bdjax import defenses, experiment, models
 from bdjax.errors import BdjaxError
 
 FAST_FT = dict(epochs=4, batch_size=64)
@@ -121,3 +121,28 @@ def test_defense_registry_overrides_and_errors():
         defenses.get("ft", lrr=0.1)
     with pytest.raises(BdjaxError, match="epochs='ten'"):
         defenses.get("ft", epochs="ten")
+
+
+def test_compiled_defense_cache_is_bounded(monkeypatch, small_data):
+    """The runner keeps at most _MAX_COMPILED executables, dropping the least recent."""
+    from bdjax.defenses import Defense
+
+    @dataclasses.dataclass(frozen=True)
+    class Scale:
+        factor: float
+
+    def defend(model, state, data, config, key):  # trivially cheap to compile
+        return jax.tree_util.tree_map(lambda a: a * config.factor, state), {}
+
+    monkeypatch.setattr(experiment, "_COMPILED", type(experiment._COMPILED)())
+    monkeypatch.setattr(experiment, "_MAX_COMPILED", 2)
+    model = models.get("small_cnn")
+    state = model.init(jax.random.key(0))
+    split = experiment.split_for_trials(small_data, (0,), 0, spc=2)
+    keys = jnp.stack([jax.random.key(0)])
+    runs = [experiment.run_defense(model, state, Defense("scale", defend, Scale(f)), split, keys)
+            for f in (1.0, 2.0, 1.0, 3.0)]
+    assert [r.seconds_compile > 0 for r in runs] == [True, True, False, True]
+    assert len(experiment._COMPILED) == 2
+    again = experiment.run_defense(model, state, Defense("scale", defend, Scale(2.0)), split, keys)
+    assert again.seconds_compile > 0  # 2.0 was the least recently used, so it was dropped

