@@ -153,6 +153,8 @@ def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
         assert np.all(np.asarray(kernels[name][..., i]) == 0)
 
 
+# One worker trains the augmented fixture for both tests that use it (--dist loadgroup).
+@pytest.mark.xdist_group("backdoored_augmented")
 def test_effect_halves_asr_and_keeps_accuracy(backdoored_augmented, small_data):
     """Reference settings (fine-tuning capped at 10 epochs), SPC 100, 2 trials, on the
     fixture trained with augmentation (see conftest: on the memorised model trained

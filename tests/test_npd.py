@@ -224,6 +224,8 @@ def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
 EFFECT = npd.NPDConfig(epochs=6, warmup_epochs=2, lr=0.01)
 
 
+# One worker trains the augmented fixture for both tests that use it (--dist loadgroup).
+@pytest.mark.xdist_group("backdoored_augmented")
 def test_effect_halves_asr(backdoored_augmented, small_data):
     """NPD halves the ASR; the clean-accuracy cost is larger than the issue's 10 points.
 
