@@ -111,7 +111,7 @@ FULL = Profile(models=("small_cnn", "preact_resnet18", "vgg19_bn"),
 QUICK = Profile(models=("small_cnn", "preact_resnet18", "vgg19_bn"),
                 defense_models=("small_cnn",),
                 n_train=256, n_val=32, batch=64, repeats=3, steps_per_repeat=2,
-                trials=(1, 2, 4), defense_overrides=_SHORT, scaling_overrides=_SHORT,
+                trials=(1, 2, 5), defense_overrides=_SHORT, scaling_overrides=_SHORT,
                 matmul=1024)  # same settings: the T=1 scaling run reuses the compile
 
 

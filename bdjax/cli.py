@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                    "timed (default: all three; quick: small_cnn; '' for none)")
     b.add_argument("--defenses", help="defenses to time (default: all)")
     b.add_argument("--trials", help="trial counts of the scaling runs (default 1,2,4,8,16; "
-                   "quick 1,2,4)")
+                   "quick 1,2,5)")
     b.add_argument("--dtypes", help="compute dtypes of the units, comma-separated: float32, "
                    "bfloat16 (default: float32 on CPU, both on accelerators)")
     b.add_argument("--repeats", type=int, help="timed runs per figure (default 5; quick 3)")

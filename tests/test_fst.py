@@ -62,7 +62,7 @@ def test_frozen_parts_stay_frozen(backdoored, small_data, name):
 def test_fst_halves_asr_and_keeps_accuracy(backdoored, small_data):
     """FST on SPC-100 data. alpha 0.02 for the small CNN: its head has ||W||^2 ~ 60, so the
     paper's 0.2 lets the penalty (down to -alpha ||W||^2 ~ -12) outweigh the CE loss and
-    costs ~37 accuracy points; measured with 0.02: ASR 93% -> ~10%, ACC 84% -> ~77%."""
+    costs ~37 accuracy points; measured with 0.02: ASR 94% -> 0.2/0.9%, ACC 92% -> 83/84%."""
     model, state, _, test = backdoored
     before = experiment.evaluate(model, state, test)
     split = experiment.split_for_trials(small_data, (0, 1), 0, spc=100)

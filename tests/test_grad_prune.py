@@ -153,16 +153,14 @@ def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
         assert np.all(np.asarray(kernels[name][..., i]) == 0)
 
 
-# One worker trains the augmented fixture for both tests that use it (--dist loadgroup).
-@pytest.mark.xdist_group("backdoored_augmented")
-def test_effect_halves_asr_and_keeps_accuracy(backdoored_augmented, small_data):
+def test_effect_halves_asr_and_keeps_accuracy(backdoored, small_data):
     """Reference settings (fine-tuning capped at 10 epochs), SPC 100, 2 trials, on the
     fixture trained with augmentation (see conftest: on the memorised model trained
     without it, pruning any top filter costs >= alpha, so pruning stops at round 0).
 
     Measured: ASR 94% -> 3%, ACC 92% -> 90%, 2-3 filters pruned, then fine-tuning.
     """
-    model, state, attack, test = backdoored_augmented
+    model, state, attack, test = backdoored
     before = experiment.evaluate(model, state, test)
     split = dataclasses.replace(experiment.split_for_trials(small_data, (0, 1), 0, spc=100),
                                 trigger=attack)

@@ -224,9 +224,7 @@ def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
 EFFECT = npd.NPDConfig(epochs=6, warmup_epochs=2, lr=0.01)
 
 
-# One worker trains the augmented fixture for both tests that use it (--dist loadgroup).
-@pytest.mark.xdist_group("backdoored_augmented")
-def test_effect_halves_asr(backdoored_augmented, small_data):
+def test_effect_halves_asr(backdoored, small_data):
     """NPD halves the ASR; the clean-accuracy cost is larger than the issue's 10 points.
 
     Measured (2 trials): ASR 94% -> 21-41%, ACC 92% -> 78-81%. The demo-size model (20
@@ -237,7 +235,7 @@ def test_effect_halves_asr(backdoored_augmented, small_data):
     keeps as much accuracy but no longer halves the ASR (78%). The bound below is the
     measured cost plus margin, so a regression in either direction still fails.
     """
-    model, state, _, test = backdoored_augmented
+    model, state, _, test = backdoored
     trials = (0, 1)
     run = experiment.run_defense(model, state, Defense(name="npd", defend=npd.defend,
                                                        config=EFFECT),
