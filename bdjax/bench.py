@@ -53,9 +53,9 @@ from bdjax import attacks, defenses, experiment, models
 from bdjax.data import DefenseData
 from bdjax.errors import BdjaxError, check_choice
 from bdjax.kernels import SGDConfig, StepOptions, evaluate, sgd, to_unit, train_step
-from bdjax.kernels.masks import apply_masks, ones_masks
+from bdjax.kernels.masks import ones_masks
 from bdjax.kernels.sam import run_sam_epoch, sam_train_step
-from bdjax.kernels.scores import filter_scores, flatten, top_filter, unflatten
+from bdjax.kernels.scores import flatten
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -253,14 +253,10 @@ def _grad_prune_unit(model, state, d, batch):
     flat0, index = flatten(ones_masks(state["params"]))
 
     def run(mask, key):
-        loss = gp._unlearning_loss_fn(model, state["batch_stats"], True, key)
         idx, w = gp._even_batches(key, x_trig.shape[0], batch)
-        masks = unflatten(mask, index)
-        scores = filter_scores(loss, apply_masks(state["params"], masks),
-                               (x_trig[idx], y[idx], w))
-        mask = mask.at[top_filter(scores, eligible=masks)].set(0.0)
-        pruned = {**state, "params": apply_masks(state["params"], unflatten(mask, index))}
-        acc, unlearn = gp._val_metrics(model, pruned, val, x_val_trig)
+        mask, _, acc, unlearn = gp.prune_round(model, state, mask, index,
+                                               (x_trig[idx], y[idx], w), val, x_val_trig,
+                                               True, key)
         return mask, acc, unlearn
 
     def one_batch(params, key):

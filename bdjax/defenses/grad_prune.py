@@ -144,6 +144,29 @@ def _val_metrics(model: Model, state: State, data: DefenseData, x_val_trig):
     return acc, unlearn
 
 
+def prune_round(model: Model, state: State, mask, index, batches, data: DefenseData,
+                x_val_trig, score_batch_stats: bool, key):
+    """One pruning round on the unpruned ``state`` with the pruned filters of ``mask``.
+
+    Scores every conv filter of the masked model (eq. 3, gradients of eq. 2 summed over
+    ``batches`` = (triggered images, true labels, weights) with a leading batch axis),
+    prunes the top filter not pruned yet, and measures the pruned model on the
+    validation split.
+
+    Returns:
+      (new flat mask, the pruned filter's flat index, validation clean accuracy,
+      validation unlearning loss).
+    """
+    loss = _unlearning_loss_fn(model, state["batch_stats"], score_batch_stats, key)
+    masks = unflatten(mask, index)
+    scores = filter_scores(loss, apply_masks(state["params"], masks), batches)
+    pick = top_filter(scores, eligible=masks)
+    mask = mask.at[pick].set(0.0)
+    pruned = {**state, "params": apply_masks(state["params"], unflatten(mask, index))}
+    acc, unlearn = _val_metrics(model, pruned, data, x_val_trig)
+    return mask, pick, acc, unlearn
+
+
 def _prune(model: Model, state: State, data: DefenseData, x_trig, x_val_trig,
            config: GradPruneConfig, key):
     """Pruning rounds; returns (best masks, report)."""
@@ -157,21 +180,14 @@ def _prune(model: Model, state: State, data: DefenseData, x_trig, x_val_trig,
     acc0, unlearn0 = _val_metrics(model, state, data, x_val_trig)
     nan = jnp.full((config.max_rounds,), jnp.nan, jnp.float32)
 
-    def masked_state(flat):
-        return {**state, "params": apply_masks(params0, unflatten(flat, index))}
-
     def cond(c):
         return ~c["done"]
 
     def body(c):
         r = c["round"]
-        loss = _unlearning_loss_fn(model, state["batch_stats"], config.score_batch_stats,
-                                   jax.random.fold_in(k_drop, r))
-        masks = unflatten(c["mask"], index)
-        scores = filter_scores(loss, apply_masks(params0, masks), batches)
-        pick = top_filter(scores, eligible=masks)
-        mask = c["mask"].at[pick].set(0.0)
-        acc, unlearn = _val_metrics(model, masked_state(mask), data, x_val_trig)
+        mask, pick, acc, unlearn = prune_round(
+            model, state, c["mask"], index, batches, data, x_val_trig,
+            config.score_batch_stats, jax.random.fold_in(k_drop, r))
         # Tolerance: a drop of exactly alpha (e.g. 0.9 - 0.8 in float32) must stop.
         within = acc0 - acc < config.alpha - 1e-6
         better = within & (unlearn < c["best_loss"])
