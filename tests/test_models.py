@@ -100,3 +100,62 @@ def test_conv_vmapped_over_trials_matches_native(axes):
                                jax.vmap(native, in_axes=axes)(xa, wa), rtol=1e-5, atol=1e-4)
     for r, g in zip(grads(native), grads(ours)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reference_inits():
+    """Initial states of the two reference models (VGG19-BN: ~140M draws, a few seconds)."""
+    return {name: models.get(name).init(jax.random.key(0))
+            for name in ("preact_resnet18", "vgg19_bn")}
+
+
+def _std_within(values, want, rel=0.03):
+    got = float(np.std(np.asarray(values)))
+    assert abs(got - want) <= rel * want, (got, want)
+
+
+def test_preact_resnet18_starts_as_pytorch_default(reference_inits):
+    """Conv and linear kernels U(+-1/sqrt(fan_in)) (std bound/sqrt(3)), linear bias the same
+    range, BN gamma 1 and beta 0: PyTorch's nn.Conv2d/nn.Linear/nn.BatchNorm2d defaults."""
+    state = reference_inits["preact_resnet18"]
+    p = state["params"]
+    for kernel in (p["conv1"]["kernel"], p["layer2_0"]["conv1"]["kernel"],
+                   p["layer3_0"]["shortcut"]["kernel"], p["layer4_1"]["conv2"]["kernel"]):
+        kh, kw, cin, _ = kernel.shape
+        bound = 1 / np.sqrt(kh * kw * cin)
+        assert float(np.abs(kernel).max()) <= bound * (1 + 1e-6)
+        assert float(np.abs(kernel).max()) > 0.99 * bound
+        _std_within(kernel, bound / np.sqrt(3))
+    # layer2_0/conv1: 3x3x64 inputs -> bound 1/24, std 0.024 (flax's LeCun normal: 0.042).
+    _std_within(p["layer2_0"]["conv1"]["kernel"], 0.0241, rel=0.02)
+    bound = 1 / np.sqrt(512)
+    for leaf in (p["linear"]["kernel"], p["linear"]["bias"]):
+        assert 0 < float(np.abs(leaf).max()) <= bound * (1 + 1e-6)
+    _std_within(p["linear"]["kernel"], bound / np.sqrt(3), rel=0.05)
+    np.testing.assert_array_equal(p["layer1_0"]["bn1"]["scale"], 1.0)
+    np.testing.assert_array_equal(p["layer1_0"]["bn1"]["bias"], 0.0)
+
+
+def test_vgg19_bn_starts_as_torchvision(reference_inits):
+    """Conv kernels kaiming-normal (fan_out, relu): std sqrt(2 / (9 * out)); linear kernels
+    N(0, 0.01); all biases 0; BN gamma 1, beta 0."""
+    p = reference_inits["vgg19_bn"]["params"]
+    for name in ("conv0", "conv8", "conv15"):
+        kernel = p[name]["kernel"]
+        _std_within(kernel, np.sqrt(2 / (9 * kernel.shape[-1])))
+        assert abs(float(np.mean(kernel))) < 0.05 * float(np.std(kernel))
+        np.testing.assert_array_equal(p[name]["bias"], 0.0)
+    for name in ("fc0", "fc1", "fc2"):
+        _std_within(p[name]["kernel"], 0.01)
+        np.testing.assert_array_equal(p[name]["bias"], 0.0)
+    np.testing.assert_array_equal(p["bn3"]["scale"], 1.0)
+    np.testing.assert_array_equal(p["bn3"]["bias"], 0.0)
+
+
+def test_preact_logits_at_init_have_the_reference_scale(reference_inits):
+    """With PyTorch's init the train-mode logits of random images have std ~0.2 (measured
+    0.19; flax's default init gives ~0.55)."""
+    model = models.get("preact_resnet18")
+    x = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), np.uint8)
+    logits, _ = model.apply(reference_inits["preact_resnet18"], jnp.asarray(x), train=True)
+    assert 0.1 < float(np.std(np.asarray(logits))) < 0.35

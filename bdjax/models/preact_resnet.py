@@ -4,15 +4,21 @@ Stem 3x3 conv (stride 1, 64 channels, no BN/ReLU/maxpool); blocks [2, 2, 2, 2] w
 widths 64/128/256/512 and strides 1/2/2/2; pre-activation blocks whose shortcut is a
 bias-free 1x1 conv on the pre-activated input when the shape changes; no final BN+ReLU;
 global average pool; linear(512, C). All convs are bias-free. 11,171,146 trainable
-parameters for C = 10.
+parameters for C = 10. Weights start as PyTorch's defaults (``bdjax.models.inits``): conv
+and linear kernels U(+-1/sqrt(fan_in)), linear bias the same range, BN gamma 1, beta 0.
 """
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bdjax.models.layers import Conv
+from bdjax.models.inits import torch_bias, torch_default
+from bdjax.models.layers import Conv as _Conv
+
+Conv = functools.partial(_Conv, kernel_init=torch_default)
 
 
 class PreActBlock(nn.Module):
@@ -52,4 +58,5 @@ class PreActResNet(nn.Module):
                 stride = 1 if stage == 1 or b > 0 else 2
                 x = PreActBlock(width, stride, self.dtype, name=f"layer{stage}_{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_default,
+                        bias_init=torch_bias(x.shape[-1]), name="linear")(x)

@@ -3,6 +3,8 @@
 Convs with bias, BN, ReLU, max-pools; at 32x32 the features are 512x1x1 and torchvision's
 adaptive 7x7 average pool replicates them to 7x7, so the classifier is
 25088-4096-4096-C with ReLU and dropout 0.5. 139,622,218 trainable parameters for C = 10.
+Weights start as torchvision's VGG (``bdjax.models.inits``): conv kernels kaiming-normal
+(fan_out, relu), linear kernels N(0, 0.01), zero biases, BN gamma 1, beta 0.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bdjax.models.inits import kaiming_fan_out, linear_normal
 from bdjax.models.layers import Conv
 
 VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
@@ -44,7 +47,8 @@ class VGG(nn.Module):
             if v == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
-            x = Conv(v, (3, 3), padding=1, dtype=self.dtype, name=f"conv{i}")(x)
+            x = Conv(v, (3, 3), padding=1, dtype=self.dtype, kernel_init=kaiming_fan_out,
+                     name=f"conv{i}")(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                              name=f"bn{i}")(x)
             x = nn.relu(x)
@@ -53,7 +57,8 @@ class VGG(nn.Module):
         # torchvision flattens NCHW; transpose so weights map one-to-one with PyTorch's.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         for k, width in enumerate((4096, 4096)):
-            x = nn.Dense(width, dtype=self.dtype, name=f"fc{k}")(x)
+            x = nn.Dense(width, dtype=self.dtype, kernel_init=linear_normal, name=f"fc{k}")(x)
             x = nn.relu(x)
             x = nn.Dropout(0.5, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=linear_normal,
+                        name="fc2")(x)
