@@ -19,41 +19,31 @@ from bdjax.kernels.augment import crop_flip
 from bdjax.models import Model, State
 
 
-@dataclasses.dataclass(frozen=True)
-class SGDConfig:
-    """SGD with momentum and coupled (PyTorch-style) weight decay.
+def smooth_labels(labels, num_classes: int, label_smoothing: float):
+    """Targets with ``1 - eps`` on the true class and ``eps / (C - 1)`` on each other.
 
-    Attributes:
-      lr: peak learning rate.
-      momentum: heavy-ball momentum.
-      weight_decay: added to the gradient before momentum, as ``torch.optim.SGD``.
-      schedule: ``cosine`` (to 0 over all steps, per step) or ``constant``.
-      nesterov: Nesterov momentum.
+    This is the smoothing of the reference code (BackdoorBench's FT-SAM
+    ``smooth_crossentropy``, the FST authors' ``LabelSmoothingLoss``), not optax's or
+    PyTorch's built-in one, which spreads ``eps / C`` over every class including the true
+    one (``1 - eps + eps / C`` on it).
     """
-
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    nesterov: bool = False
-
-
-def sgd(cfg: SGDConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optax transformation for ``cfg`` over ``total_steps`` updates."""
-    if cfg.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(cfg.lr, max(1, total_steps))
-    else:
-        lr = cfg.lr
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+    onehot = jax.nn.one_hot(labels, num_classes)
+    if not label_smoothing:
+        return onehot
+    other = label_smoothing / (num_classes - 1)
+    return onehot * (1.0 - label_smoothing) + (1.0 - onehot) * other
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
-    """Mean softmax cross-entropy with optional label smoothing (integer labels)."""
-    onehot = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
-        onehot = optax.smooth_labels(onehot, label_smoothing)
-    return jnp.mean(optax.softmax_cross_entropy(logits, onehot))
+    """Mean softmax cross-entropy against :func:`smooth_labels` (integer labels)."""
+    targets = smooth_labels(labels, logits.shape[-1], label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches in one pass over ``n`` images (the last one filled, see
+    :func:`batch_indices`)."""
+    return -(-n // min(batch_size, n))
 
 
 def to_unit(images):
@@ -164,6 +154,8 @@ def run_epoch(model: Model, tx, opts: StepOptions, batch_size: int, state: State
 def logits_in_batches(model: Model, state: State, x, batch_size: int = 500):
     """Eval-mode logits for all of ``x`` (uint8 or [0,1] float), batched with lax.map."""
     n = x.shape[0]
+    if n == 0:  # static: an empty split (a defense without validation images)
+        return jnp.zeros((0, model.num_classes), jnp.float32)
     bs = min(batch_size, n)
     steps = -(-n // bs)
     pad = steps * bs - n
@@ -174,6 +166,8 @@ def logits_in_batches(model: Model, state: State, x, batch_size: int = 500):
 
 
 def evaluate(model: Model, state: State, x, y, batch_size: int = 500):
-    """(accuracy, mean CE loss) of the eval-mode model on (x, y)."""
+    """(accuracy, mean CE loss) of the eval-mode model on (x, y); NaN for no images."""
+    if x.shape[0] == 0:
+        return jnp.float32(jnp.nan), jnp.float32(jnp.nan)
     logits = logits_in_batches(model, state, x, batch_size)
     return jnp.mean(jnp.argmax(logits, -1) == y), cross_entropy(logits, y)
