@@ -23,8 +23,8 @@ def _keys(trials):
     return jnp.stack([jax.random.fold_in(experiment.trial_key(0, t), 1) for t in trials])
 
 
-def _split(dataset, trials, spc, trigger):
-    split = experiment.split_for_trials(dataset, trials, 0, spc=spc)
+def _split(dataset, trials, spc, trigger, validation):
+    split = experiment.split_for_trials(dataset, trials, 0, spc=spc, validation=validation)
     return dataclasses.replace(split, trigger=trigger) if trigger is not None else split
 
 
@@ -37,10 +37,11 @@ def assert_vmap_matches_sequential(model, state, defense, dataset, test, *, spc=
         return defense.defend(*args, **kwargs)
 
     traced = dataclasses.replace(defense, defend=counted)
+    val = defense.uses_validation
     together = experiment.run_defense(model, state, traced,
-                                      _split(dataset, trials, spc, trigger), _keys(trials))
+                                      _split(dataset, trials, spc, trigger, val), _keys(trials))
     others = tuple(t + len(trials) for t in trials)
-    again = experiment.run_defense(model, state, traced, _split(dataset, others, spc, trigger),
+    again = experiment.run_defense(model, state, traced, _split(dataset, others, spc, trigger, val),
                                    _keys(others))
     assert together.seconds_compile > 0 and again.seconds_compile == 0
     assert len(traces) == 1, f"{len(traces)} traces for one vmapped setting"
@@ -49,7 +50,7 @@ def assert_vmap_matches_sequential(model, state, defense, dataset, test, *, spc=
     scores = experiment.evaluate_trials(model, together.states, test)
     for i, t in enumerate(trials):
         alone = experiment.run_defense(model, state, traced,
-                                       _split(dataset, (t,), spc, trigger), _keys((t,)),
+                                       _split(dataset, (t,), spc, trigger, val), _keys((t,)),
                                        strategy="sequential")
         one = experiment.evaluate_trials(model, alone.states, test)
         for k in ("acc", "asr", "ra"):

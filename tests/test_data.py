@@ -42,6 +42,25 @@ def test_spc_split_rule(spc, expected):
     assert data.split_sizes(spc) == expected
 
 
+@pytest.mark.parametrize("spc", [2, 10, 100])
+def test_without_validation_every_image_trains(spc):
+    """Defenses that select nothing on validation train on all SPC images (the survey's
+    fork: val_ratio=0), so SPC 2 gives 2 images per class, not 2 + 1."""
+    assert data.split_sizes(spc, validation=False) == (spc, 0)
+
+
+@pytest.mark.parametrize("kwargs,per_class", [({"spc": 2}, 2), ({"spc": 10}, 10),
+                                              ({"ratio": 0.05}, 40)])
+def test_defense_split_without_validation(small_data, kwargs, per_class):
+    ds = small_data
+    split = data.defense_split(ds.x_train, ds.y_train, 10, key=jax.random.key(0),
+                               trials=(0, 1), validation=False, **kwargs)
+    assert split.x_train.shape == (2, 10 * per_class, 32, 32, 3)
+    assert split.x_val.shape == (2, 0, 32, 32, 3) and split.y_val.shape == (2, 0)
+    np.testing.assert_array_equal(np.bincount(split.y_train[1], minlength=10),
+                                  np.full(10, per_class))
+
+
 def test_defense_split_spc_per_trial(small_data):
     ds = small_data
     key = jax.random.key(0)

@@ -49,7 +49,7 @@ def test_ft_lowers_asr_and_keeps_accuracy(backdoored, small_data):
     model, state, _, test = backdoored
     before = experiment.evaluate(model, state, test)
     defense = defenses.get("ft", epochs=10, lr=0.02, batch_size=128, flip=False)
-    split = experiment.split_for_trials(small_data, (0, 1), 0, spc=100)
+    split = experiment.split_for_trials(small_data, (0, 1), 0, spc=100, validation=False)
     keys = jnp.stack([jax.random.key(t) for t in range(2)])
     run = experiment.run_defense(model, state, defense, split, keys)
     after = experiment.evaluate_trials(model, run.states, test)
@@ -71,7 +71,9 @@ def test_ft_selection_uses_validation_only(backdoored, small_data):
 
 def test_records_are_durable_and_resume(tmp_path):
     path = tmp_path / "r.jsonl"
-    experiment.append_rows(path, [{"trial": 0, "x": 1.0}, {"trial": 1, "x": float("nan")}])
+    experiment.append_rows(path, [{"trial": 0, "x": 1.0}, {"trial": 1, "x": float("nan"),
+                                                            "y": np.float32("nan"),
+                                                            "z": np.array([1.0, np.inf])}])
     # Simulate a writer killed mid-line.
     with open(path, "ab") as f:
         f.write(b'{"trial": 2, "x"')
@@ -79,7 +81,9 @@ def test_records_are_durable_and_resume(tmp_path):
     experiment.append_rows(path, [{"trial": 3}])
     lines = path.read_text().splitlines()
     assert [json.loads(l)["trial"] for l in lines] == [0, 1, 3]
-    assert json.loads(lines[1])["x"] is None  # NaN is written as null, the line stays JSON
+    row = json.loads(lines[1])  # NaN/Inf (Python or numpy) are written as null: valid JSON
+    assert row["x"] is None and row["y"] is None and row["z"] == [1.0, None]
+    assert "NaN" not in lines[1] and "Infinity" not in lines[1]
     with pytest.raises(BdjaxError, match="missing directory"):
         experiment.append_rows(tmp_path / "nope" / "r.jsonl", [{}])
 
@@ -102,6 +106,8 @@ def test_defend_checkpoint_rows_and_resume(backdoored, small_data, tmp_path):
                 "versions"}
     assert required <= set(rows[0])
     assert rows[0]["settings"]["epochs"] == 4 and rows[0]["spc"] == 10
+    # FT keeps the last epoch, so it trains on all 10 images per class (no validation).
+    assert (rows[0]["n_train"], rows[0]["n_val"], rows[0]["trials_batched"]) == (100, 0, 2)
     assert 0 <= rows[0]["der"] <= 1 and rows[0]["asr"] + rows[0]["ra"] <= 1 + 1e-6
     # A rerun with one more trial only runs the new one.
     more = experiment.run_defense_on_checkpoint(ckpt, "ft", overrides=FAST_FT, spc=10,
@@ -109,7 +115,12 @@ def test_defend_checkpoint_rows_and_resume(backdoored, small_data, tmp_path):
     assert [r["trial"] for r in more] == [2]
     assert [r["trial"] for r in experiment.read_rows(out)] == [0, 1, 2]
     table = experiment.table(experiment.read_rows(out))
-    assert "ft spc=10" in table and "| 3 " in table
+    assert "ft spc=10" in table and "| 3 " in table and "| ARR" in table and "| RDR" in table
+    # Sequential trials each ran alone, and their rows say so.
+    seq = experiment.run_defense_on_checkpoint(ckpt, "ft", overrides={**FAST_FT, "epochs": 3},
+                                               spc=10, trials=1, seed=0, out=out,
+                                               strategy="sequential", log=lambda m: None)
+    assert seq[0]["trials_batched"] == 1
 
 
 def test_defense_registry_overrides_and_errors():
@@ -121,6 +132,17 @@ def test_defense_registry_overrides_and_errors():
         defenses.get("ft", lrr=0.1)
     with pytest.raises(BdjaxError, match="epochs='ten'"):
         defenses.get("ft", epochs="ten")
+    with pytest.raises(BdjaxError, match="patience 2 needs a validation score"):
+        defenses.get("ft", patience=2)
+
+
+def test_only_defenses_that_select_hold_a_validation_split_out():
+    """The survey's fork trains FT, FT-SAM, FST and NPD on all SPC images (val_ratio=0);
+    Grad-Prune and FT with a validation-selected epoch keep the split."""
+    uses = {n: defenses.get(n).uses_validation for n in defenses.names()}
+    assert uses == {"ft": False, "ft_sam": False, "fst": False, "lp": False,
+                    "fe_tuning": False, "ft_init": False, "npd": False, "grad_prune": True}
+    assert defenses.get("ft", select="val_acc").uses_validation
 
 
 def test_compiled_defense_cache_is_bounded(monkeypatch, small_data):

@@ -9,6 +9,11 @@ Two conventions (REFERENCE.md, "Defense data"):
 - ``ratio`` (fraction of the clean training set, BackdoorBench's 5%): class-balanced,
   ``round(ratio * N / C)`` per class, then the same validation rule.
 
+Only defenses that select or stop on validation hold a split out (``validation=True``);
+the others train on all of the subset (SPC 2 -> 2 train images per class, no
+validation), as the reference code does: the survey's fork draws their SPC images with
+``val_ratio=0`` and BackdoorBench trains them on all of its 5%.
+
 Trial ``t`` draws its subset with ``fold_in(key, t)``; all trials have equal shapes so
 they stack along a leading trial axis for ``vmap``.
 """
@@ -50,10 +55,13 @@ jax.tree_util.register_dataclass(
     DefenseData, data_fields=["x_train", "y_train", "x_val", "y_val"], meta_fields=["trigger"])
 
 
-def split_sizes(per_class: int) -> tuple[int, int]:
-    """(train, val) images per class for ``per_class`` samples per class."""
+def split_sizes(per_class: int, validation: bool = True) -> tuple[int, int]:
+    """(train, val) images per class for ``per_class`` samples per class; without
+    ``validation`` all of them train."""
     if per_class < 1:
         raise BdjaxError(f"samples per class {per_class!r} is too small; accepted: >= 1.")
+    if not validation:
+        return per_class, 0
     raw = int(per_class * VAL_RATIO + 1e-9)  # +eps: 10 * 0.1 must give 1, not 0.
     n_val = max(1, raw)
     n_train = per_class if raw < 1 else per_class - n_val
@@ -61,7 +69,7 @@ def split_sizes(per_class: int) -> tuple[int, int]:
 
 
 def per_class_count(labels: np.ndarray, num_classes: int, *, spc: int | None,
-                    ratio: float | None) -> int:
+                    ratio: float | None, validation: bool = True) -> int:
     """Samples per class for the given convention; validates against what exists."""
     if (spc is None) == (ratio is None):
         raise BdjaxError("give exactly one of spc or ratio; accepted: spc=2/10/100 or ratio in (0, 1].")
@@ -74,7 +82,7 @@ def per_class_count(labels: np.ndarray, num_classes: int, *, spc: int | None,
         if not 0 < ratio <= 1:
             raise BdjaxError(f"ratio {ratio!r} is out of range; accepted: (0, 1].")
         k = max(1, int(round(ratio * len(labels) / num_classes)))
-    n_train, n_val = split_sizes(k)
+    n_train, n_val = split_sizes(k, validation)
     if n_train + n_val > counts.min():
         raise BdjaxError(
             f"{'spc ' + str(spc) if spc is not None else 'ratio ' + str(ratio)} needs "
@@ -83,9 +91,10 @@ def per_class_count(labels: np.ndarray, num_classes: int, *, spc: int | None,
     return k
 
 
-def draw_indices(labels: np.ndarray, num_classes: int, per_class: int, key: jax.Array):
+def draw_indices(labels: np.ndarray, num_classes: int, per_class: int, key: jax.Array,
+                 validation: bool = True):
     """Train and validation indices for one trial, class-balanced, from ``key``."""
-    n_train, n_val = split_sizes(per_class)
+    n_train, n_val = split_sizes(per_class, validation)
     seed = np.asarray(jax.random.key_data(key)).astype(np.uint32)
     rng = np.random.default_rng(seed.tolist())
     train, val = [], []
@@ -101,8 +110,8 @@ def draw_indices(labels: np.ndarray, num_classes: int, per_class: int, key: jax.
 
 
 def defense_split(x: np.ndarray, y: np.ndarray, num_classes: int, *, key: jax.Array,
-                  trials=(0,), spc: int | None = None, ratio: float | None = None
-                  ) -> DefenseData:
+                  trials=(0,), spc: int | None = None, ratio: float | None = None,
+                  validation: bool = True) -> DefenseData:
     """Stacked defender data for ``trials`` (leading axis T), trial t from fold_in(key, t).
 
     Args:
@@ -111,10 +120,13 @@ def defense_split(x: np.ndarray, y: np.ndarray, num_classes: int, *, key: jax.Ar
       key: the split's root key.
       trials: trial ids; each gives an independent subset.
       spc / ratio: exactly one of the two conventions (module docstring).
+      validation: hold a validation split out; False gives every image to training and
+        empty validation arrays (``[T, 0, H, W, C]``).
     """
-    k = per_class_count(np.asarray(y), num_classes, spc=spc, ratio=ratio)
-    parts = [draw_indices(np.asarray(y), num_classes, k, jax.random.fold_in(key, int(t)))
-             for t in trials]
+    k = per_class_count(np.asarray(y), num_classes, spc=spc, ratio=ratio,
+                        validation=validation)
+    parts = [draw_indices(np.asarray(y), num_classes, k, jax.random.fold_in(key, int(t)),
+                          validation) for t in trials]
     tr = np.stack([p[0] for p in parts])
     va = np.stack([p[1] for p in parts])
     return DefenseData(x_train=x[tr], y_train=y[tr].astype(np.int32),
