@@ -7,7 +7,7 @@ from bdjax import defenses, experiment, models
 from bdjax.defenses import fst
 from tests.defense_checks import assert_vmap_matches_sequential
 
-# The fixture model was trained without augmentation, so the defenses tune without it too.
+# Two short epochs: enough to move every trainable part (the effect test runs longer).
 CHEAP = dict(epochs=2, batch_size=64, augment=False, flip=False)
 
 
@@ -40,22 +40,31 @@ def test_penalty_and_projection():
 
 
 @pytest.mark.parametrize("name", ["lp", "fe_tuning"])
-def test_frozen_parts_stay_frozen(backdoored, small_data, name):
+def test_frozen_parts_stay_frozen_and_the_head_keeps_its_norm(backdoored, small_data, name):
+    """As the authors' code: every variant projects the head onto its original norm and
+    runs BN in training mode."""
     model, state, _, _ = backdoored
-    split = experiment.split_for_trials(small_data, (0,), 0, spc=10)
+    split = experiment.split_for_trials(small_data, (0,), 0, spc=10, validation=False)
     run = experiment.run_defense(model, state, defenses.get(name, **CHEAP), split,
                                  jax.random.key(0)[None])
     out = jax.tree_util.tree_map(lambda a: a[0], run.states)
     head = np.asarray(out["params"]["head"]["kernel"])
     conv = np.asarray(out["params"]["conv1"]["kernel"])
-    if name == "lp":  # backbone and BN statistics untouched, head trained from the original
+    orig = np.asarray(state["params"]["head"]["kernel"])
+    np.testing.assert_allclose(np.linalg.norm(head), np.linalg.norm(orig), rtol=1e-5)
+    if name == "lp":  # backbone and BN scale/shift untouched; BN statistics move
         np.testing.assert_array_equal(conv, state["params"]["conv1"]["kernel"])
-        np.testing.assert_array_equal(out["batch_stats"]["bn1"]["mean"],
-                                      state["batch_stats"]["bn1"]["mean"])
-        assert not np.array_equal(head, state["params"]["head"]["kernel"])
-    else:  # head re-initialised then frozen; backbone trained
+        np.testing.assert_array_equal(out["params"]["bn1"]["scale"],
+                                      state["params"]["bn1"]["scale"])
+        assert not np.allclose(out["batch_stats"]["bn1"]["mean"],
+                               state["batch_stats"]["bn1"]["mean"])
+        assert not np.array_equal(head, orig)
+    else:  # head re-initialised, frozen, rescaled to the original norm; backbone trained
         again = fst.reinit_head(model, state["params"], jax.random.fold_in(jax.random.key(0), 0))
-        np.testing.assert_array_equal(head, again["head"]["kernel"])
+        fresh = np.asarray(again["head"]["kernel"])
+        assert np.linalg.norm(fresh) < 0.5 * np.linalg.norm(orig)  # the rescale matters
+        np.testing.assert_allclose(head, fresh * np.linalg.norm(orig) / np.linalg.norm(fresh),
+                                   rtol=1e-5, atol=1e-7)
         assert not np.array_equal(conv, state["params"]["conv1"]["kernel"])
 
 
@@ -65,7 +74,7 @@ def test_fst_halves_asr_and_keeps_accuracy(backdoored, small_data):
     costs ~37 accuracy points; measured with 0.02: ASR 94% -> 0.2/0.9%, ACC 92% -> 83/84%."""
     model, state, _, test = backdoored
     before = experiment.evaluate(model, state, test)
-    split = experiment.split_for_trials(small_data, (0, 1), 0, spc=100)
+    split = experiment.split_for_trials(small_data, (0, 1), 0, spc=100, validation=False)
     defense = defenses.get("fst", epochs=10, batch_size=64, augment=False, flip=False,
                            alpha=0.02)
     run = experiment.run_defense(model, state, defense, split,
