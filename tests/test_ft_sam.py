@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bdjax import experiment
@@ -12,7 +13,7 @@ from bdjax.defenses import Defense, ft_sam
 from bdjax.errors import BdjaxError
 from bdjax.kernels import StepOptions, cross_entropy, sgd
 from bdjax.kernels.sam import run_sam_epoch, sam_perturbation, sam_train_step
-from bdjax.kernels.steps import SGDConfig
+from bdjax.kernels import SGDConfig
 from tests.defense_checks import assert_vmap_matches_sequential
 
 
@@ -54,7 +55,7 @@ def test_zero_gradient_gives_zero_perturbation():
 def _tiny_setup(backdoored, small_data):
     model, state, _, _ = backdoored
     x, y = small_data.x_train[:16], small_data.y_train[:16]
-    tx = sgd(SGDConfig(), 10)
+    tx = sgd(SGDConfig(), 10, 1)
     return model, state, tx, jnp.asarray(x), jnp.asarray(y)
 
 
@@ -79,7 +80,7 @@ def test_sam_step_keeps_unperturbed_batch_stats_and_moves_params(backdoored, sma
 def test_sam_step_uses_gradient_at_perturbed_weights(backdoored, small_data):
     """With momentum and weight decay off, the update is -lr * grad(w + e)."""
     model, state, _, x, y = _tiny_setup(backdoored, small_data)
-    tx = sgd(SGDConfig(lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant"), 1)
+    tx = sgd(SGDConfig(lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant"), 1, 1)
     opts = StepOptions(augment=False)
     key = jax.random.key(3)
     _, k_drop = jax.random.split(key)
@@ -112,17 +113,57 @@ def test_sam_epoch_runs_and_is_finite(backdoored, small_data):
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(st))
 
 
-def test_config_defaults_and_validation():
+def test_config_defaults_follow_the_code():
+    """BackdoorBench's FT-SAM as run for the published tables: rho 2 and smoothing 0.1 on
+    every dataset and model, cosine with T_max 100 stepped per batch, wd 5e-4."""
     c = ft_sam.FTSAMConfig()
     assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.schedule) == (
         100, 256, 0.01, 0.9, 5e-4, "cosine")
+    assert (c.schedule_unit, c.t_max) == ("batch", 100)
     assert (c.rho, c.adaptive, c.label_smoothing, c.augment, c.flip) == (2.0, True, 0.1, True, True)
+    assert not c.uses_validation
     with pytest.raises(BdjaxError, match="rho"):
         ft_sam.FTSAMConfig(rho=0.0)
-    assert ft_sam.default_rho("cifar10", "preact_resnet18") == 2.0
-    assert ft_sam.default_rho("gtsrb", "preact_resnet18") == 8.0
-    assert ft_sam.default_rho("cifar10", "vgg19_bn") == 6.0
-    assert ft_sam.default_rho("cifar10", "preact_resnet18", adaptive=False) == 0.5
+    for dataset, model in [("cifar10", "preact_resnet18"), ("gtsrb", "preact_resnet18"),
+                           ("tiny", "vgg19_bn"), ("synthetic", "small_cnn")]:
+        assert ft_sam.default_rho(dataset, model) == 2.0
+
+
+def test_paper_rho_is_a_setting():
+    rho = lambda *a, **k: ft_sam.default_rho(*a, source="paper", **k)
+    assert rho("cifar10", "preact_resnet18") == 2.0
+    assert rho("gtsrb", "preact_resnet18") == 8.0
+    assert rho("tiny_imagenet", "preact_resnet18") == 8.0
+    assert rho("cifar10", "vgg19_bn") == 6.0
+    assert rho("cifar10", "preact_resnet18", adaptive=False) == 0.5
+    with pytest.raises(BdjaxError, match="rho source"):
+        ft_sam.default_rho("cifar10", "vgg19_bn", source="blog")
+
+
+def test_runs_get_rho_through_the_config_path():
+    """What runs is default_rho's value (the code's 2, also for VGG on GTSRB), below a
+    config file's or --set's override."""
+    from bdjax import defenses
+
+    d = defenses.for_run("ft_sam", {}, dataset="gtsrb", model="vgg19_bn")
+    assert d.config.rho == ft_sam.default_rho("gtsrb", "vgg19_bn") == 2.0
+    assert defenses.dataset_settings("ft_sam", "gtsrb", "vgg19_bn") == {"rho": 2.0}
+    d = defenses.for_run("ft_sam", {"rho": "6"}, dataset="gtsrb", model="vgg19_bn")
+    assert d.config.rho == 6.0
+
+
+def test_label_smoothing_puts_eps_over_c_minus_1_on_the_other_classes():
+    """The reference's smooth_crossentropy: 1 - eps on the true class, eps / (C - 1) on
+    each other one (optax/PyTorch put eps / C everywhere)."""
+    logits = jax.random.normal(jax.random.key(0), (4, 5))
+    y = jnp.array([0, 3, 4, 1])
+    t = np.full((4, 5), 0.1 / 4)
+    t[np.arange(4), np.asarray(y)] = 0.9
+    want = -(t * np.asarray(jax.nn.log_softmax(logits))).sum(-1).mean()
+    np.testing.assert_allclose(cross_entropy(logits, y, 0.1), want, rtol=1e-6)
+    np.testing.assert_allclose(cross_entropy(logits, y, 0.0),
+                               optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
+                               rtol=1e-6)
 
 
 # The CPU scaling of configs/synthetic.py (reference: 100 epochs, batch 256, lr 0.01):
@@ -142,7 +183,7 @@ def test_ft_sam_removes_backdoor(backdoored, small_data):
     model, state, _, test = backdoored
     before = experiment.evaluate(model, state, test)
     defense = _defense(rho=ft_sam.default_rho("synthetic", "small_cnn"), **EFFECT)
-    split = experiment.split_for_trials(small_data, (0, 1), 0, spc=100)
+    split = experiment.split_for_trials(small_data, (0, 1), 0, spc=100, validation=False)
     keys = jnp.stack([jax.random.key(t) for t in range(2)])
     run = experiment.run_defense(model, state, defense, split, keys)
     after = experiment.evaluate_trials(model, run.states, test)
