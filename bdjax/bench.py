@@ -187,7 +187,7 @@ def _model(name: str, dtype: str = "float32") -> models.Model:
 
 # ----------------------------------------------------------------------------------- units
 def _train_step_unit(model, state, d, batch, steps):
-    tx = sgd(SGDConfig(schedule="constant"), 1)
+    tx = sgd(SGDConfig(schedule="constant"), 1, 1)
     opts = StepOptions(augment=False)
     xb, yb = jnp.asarray(d["x"][:batch]), jnp.asarray(d["y"][:batch])
 
@@ -209,7 +209,7 @@ def _ft_sam_unit(model, state, d, batch):
     from bdjax.defenses.ft_sam import FTSAMConfig
 
     cfg = FTSAMConfig(augment=False, schedule="constant", batch_size=batch)
-    tx = sgd(cfg.sgd, 1)
+    tx = sgd(cfg.sgd, 1, 1)
     opts = StepOptions(augment=False, label_smoothing=cfg.label_smoothing)
     x, y = jnp.asarray(d["x"]), jnp.asarray(d["y"])
     run = lambda st, os_, key: run_sam_epoch(model, tx, opts, cfg.rho, cfg.adaptive, batch,
@@ -226,7 +226,7 @@ def _npd_unit(model, state, d, batch):
     from bdjax.defenses import npd
 
     cfg = npd.NPDConfig(batch_size=batch, augment=False)
-    tx = sgd(cfg.sgd, 1)
+    tx = sgd(cfg.sgd, 1, 1)
     x, y = jnp.asarray(d["x"]), jnp.asarray(d["y"])
     state = {**state, "polariser": npd.init_polariser(model)}
     main = lambda st, os_, xb, yb, k: npd._main_step(model, tx, cfg, st, os_,

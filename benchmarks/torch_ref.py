@@ -47,7 +47,8 @@ SAM_RHO, SAM_LABEL_SMOOTHING, SAM_EPS = 2.0, 0.1, 1e-12
 
 # NPD main phase (REFERENCE.md, NPD row, CIFAR-10; bdjax NPDConfig defaults).
 NPD_RADIUS, NPD_STEP, NPD_STEPS, NPD_STOP = 3.0, 0.1, 2, 0.6
-NPD_LAMBDAS = (1.0, 0.4, 0.4)
+NPD_LAMBDAS = (1.0, 0.4, 0.4, 0.4)  # L_bn, L_asr, L_bce margin, L_bce CE (lmd1, 4, 3, 2)
+NPD_FLOOR, NPD_PGD_BOUND = 1e-4, 80.0
 _TINY = 1e-12  # bdjax.kernels.pgd._TINY: keeps a zero perturbation's norm divisible
 
 # The conv whose INPUT the polariser transforms: bdjax's ``ModelSpec.polariser_at``.
@@ -414,6 +415,13 @@ def asam_perturbation(params: list[torch.Tensor], grads, rho: float) -> list[tor
     return e
 
 
+def smooth_cross_entropy(logits, y, eps: float) -> torch.Tensor:
+    """Cross-entropy against 1 - eps on the true class and eps / (C - 1) on the others
+    (BackdoorBench's smooth_crossentropy; bdjax ``cross_entropy``)."""
+    t = torch.full_like(logits, eps / (logits.shape[-1] - 1)).scatter(1, y[:, None], 1 - eps)
+    return -(t * F.log_softmax(logits, -1)).sum(-1).mean()
+
+
 class _FTSAMEpoch:
     """One shuffled epoch of ASAM steps (bdjax ``run_sam_epoch``, adaptive, no
     augmentation)."""
@@ -426,7 +434,7 @@ class _FTSAMEpoch:
         self.dropout = _has_dropout(model)
 
     def _loss(self, xb, yb) -> torch.Tensor:
-        return F.cross_entropy(self.model(xb), yb, label_smoothing=SAM_LABEL_SMOOTHING)
+        return smooth_cross_entropy(self.model(xb), yb, SAM_LABEL_SMOOTHING)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """One ASAM step: gradient at w (this pass moves the BN running statistics),
@@ -469,22 +477,27 @@ def _masked_argmax(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.scatter(1, y[:, None], float("-inf")).argmax(-1)
 
 
-def _log_one_minus_softmax(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``log(1 - softmax(logits)[k])`` as logsumexp over the other classes minus
-    logsumexp over all (finite where s_k -> 1), as bdjax ``log_one_minus_softmax``."""
+def _log_one_minus_softmax(logits: torch.Tensor, k: torch.Tensor,
+                           floor: float = 0.0) -> torch.Tensor:
+    """``log(1 - softmax(logits)[k] + floor)`` as logsumexp over the other classes minus
+    logsumexp over all, floored through logaddexp (bdjax ``log_one_minus_softmax``)."""
     others = logits.scatter(1, k[:, None], float("-inf"))
-    return torch.logsumexp(others, -1) - torch.logsumexp(logits, -1)
+    out = torch.logsumexp(others, -1) - torch.logsumexp(logits, -1)
+    if floor:
+        out = torch.logaddexp(out, torch.log(torch.tensor(floor + 1e-12, device=out.device)))
+    return out
 
 
-def npd_loss(logits_clean, logits_adv, y, y_target) -> torch.Tensor:
-    """lambda1 L_bn + lambda2 L_asr + lambda3 L_bce (NPD Eq. 5; bdjax ``npd_losses``)."""
+def npd_loss(logits_clean, logits_adv, y, y_target, y_pred) -> torch.Tensor:
+    """NPD's Eq. (5) as BackdoorBench computes it (bdjax ``npd_losses``): L_bn, the floored
+    L_asr, L_bce's floored margin term and its cross-entropy toward the clean prediction."""
     l_bn = F.cross_entropy(logits_clean, y)
-    l_asr = -_log_one_minus_softmax(logits_adv, y_target).mean()
+    l_asr = -_log_one_minus_softmax(logits_adv, y_target, NPD_FLOOR).mean()
     top_other = _masked_argmax(logits_adv.detach(), y)
-    l_bce = (F.cross_entropy(logits_adv, y, reduction="none")
-             - _log_one_minus_softmax(logits_adv, top_other)).mean()
-    l1, l2, l3 = NPD_LAMBDAS
-    return l1 * l_bn + l2 * l_asr + l3 * l_bce
+    l_margin = -_log_one_minus_softmax(logits_adv, top_other, NPD_FLOOR).mean()
+    l_ce = F.cross_entropy(logits_adv, y_pred)
+    l1, l2, l3, l3ce = NPD_LAMBDAS
+    return l1 * l_bn + l2 * l_asr + l3 * l_margin + l3ce * l_ce
 
 
 def _project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -494,32 +507,30 @@ def _project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
 
 def targeted_pgd(logits_fn, x: torch.Tensor, target: torch.Tensor, *, eps: float,
                  step: float, steps: int, stop_fraction: float):
-    """Targeted PGD with sign steps inside an L2 ball, in [0, 1] pixel space (bdjax
-    ``pgd(norm="l2", step_kind="sign", targeted=True)`` from a zero start).
-
-    Each iteration takes the gradient of the summed CE toward ``target``; if at least
-    ``stop_fraction`` of the batch is already classified as its target the loop stops,
-    otherwise the samples not yet there move by ``-step * sign(g)``, then the
-    perturbation is projected on the ball and clipped to the image box.
+    """BackdoorBench NPD's targeted PGD (bdjax ``pgd(..., exit_check="after",
+    freeze_successes=False, clip="image", loss_bound=80)``): from zero, each step moves
+    every sample by ``-step * sign(g)`` of the clamped CE toward ``target``, projects the
+    perturbation on the L2 ball (unclipped; only the image is clamped), then stops when
+    more than ``stop_fraction`` of the batch hits its target.
 
     Returns:
-      ``(x_adv, success_rate)``; the rate (a device scalar) is measured at ``x_adv``
-      with one more forward pass, as bdjax reports it.
+      ``(x_adv, success_rate)``; the rate (a device scalar) is measured at ``x_adv``.
     """
     delta = torch.zeros_like(x)
+    image = lambda d: (x + d).clamp(0.0, 1.0)
     for _ in range(steps):
         delta.requires_grad_(True)
-        out = logits_fn(x + delta)
-        (g,) = torch.autograd.grad(F.cross_entropy(out, target, reduction="sum"), delta)
-        delta = delta.detach()
-        success = out.detach().argmax(-1) == target
+        out = logits_fn(image(delta))
+        ce = F.cross_entropy(out, target, reduction="none")
+        ce = ce.clamp(-NPD_PGD_BOUND, NPD_PGD_BOUND)
+        (g,) = torch.autograd.grad(ce.sum(), delta)
+        delta = _project_l2(delta.detach() - step * g.sign(), eps)
+        with torch.no_grad():
+            rate = (logits_fn(image(delta)).argmax(-1) == target).float().mean()
         # A host-side early exit: PyTorch's idiom for bdjax's while_loop condition.
-        if success.float().mean().item() >= stop_fraction:
+        if rate.item() > stop_fraction:
             break
-        moving = (~success).to(x.dtype).view(-1, 1, 1, 1)
-        delta = _project_l2(delta - step * g.sign() * moving, eps)
-        delta = (x + delta).clamp(0.0, 1.0) - x
-    x_adv = (x + delta).clamp(0.0, 1.0)
+    x_adv = image(delta)
     with torch.no_grad():
         rate = (logits_fn(x_adv).argmax(-1) == target).float().mean()
     return x_adv, rate
@@ -555,14 +566,15 @@ class _NPDEpoch:
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor):
         with torch.no_grad():
-            y_target = _masked_argmax(self.logits_fn(xb), yb)
+            clean = self.logits_fn(xb)
+            y_target, y_pred = _masked_argmax(clean, yb), clean.argmax(-1)
         x_adv, rate = targeted_pgd(self.logits_fn, xb, y_target, eps=NPD_RADIUS,
                                    step=NPD_STEP, steps=NPD_STEPS, stop_fraction=NPD_STOP)
         self.opt.zero_grad(set_to_none=True)
         # BN in eval mode keeps samples independent: one pass serves both batches.
         out = self.logits_fn(torch.cat([xb, x_adv.detach()]))
         b = xb.shape[0]
-        loss = npd_loss(out[:b], out[b:], yb, y_target)
+        loss = npd_loss(out[:b], out[b:], yb, y_target, y_pred)
         loss.backward()
         self.opt.step()
         return loss.detach(), rate

@@ -14,6 +14,7 @@ from bdjax import checkpoint, experiment, models
 from bdjax.defenses import Defense, npd
 from bdjax.errors import BdjaxError
 from bdjax.kernels.pgd import pgd
+from bdjax.models.polariser import polariser_channels
 from tests.defense_checks import assert_vmap_matches_sequential
 
 
@@ -93,6 +94,60 @@ def test_pgd_early_exit_and_frozen_successes():
     assert int(none["iterations"]) == 0
 
 
+def test_pgd_exit_after_the_step_takes_at_least_one_and_moves_every_sample():
+    """BackdoorBench's NPD loop: step, project, then test `rate > stop`; all samples move."""
+    f = _linear(jax.random.key(7))
+    x = _batch(jax.random.key(8))
+    y = jnp.argmax(f(x), -1)
+    kw = dict(norm="l2", eps=0.5, step=0.05, steps=5, targeted=True, target=y,
+              step_kind="sign")
+    _, before = pgd(f, x, y, stop_fraction=1.0, **kw)  # already at the target: no step
+    x_adv, after = pgd(f, x, y, stop_fraction=0.5, exit_check="after",
+                       freeze_successes=False, **kw)
+    assert int(before["iterations"]) == 0
+    assert int(after["iterations"]) == 1  # one step, then 100% > 50% stops it
+    moved = np.abs(np.asarray(x_adv - x)).reshape(16, -1).max(1)
+    assert (moved > 0).all()  # successful samples moved too
+
+
+def test_pgd_image_clip_keeps_the_perturbation_unclipped():
+    """clip="image" (BackdoorBench's get_perturbed_image): the perturbation lives in its
+    ball unclipped and only the image is clamped; clip="delta" clips the perturbation,
+    which changes what the next L2 projection keeps. Two pixels at 0.95 and 0.5, both
+    pushed up by sign steps of 0.1 inside an L2 ball of 0.2:
+
+    - delta: [0.1, 0.1] -> clip [0.05, 0.1] -> [0.15, 0.2] -> project [0.12, 0.16] ->
+      clip [0.05, 0.16]: image [1.0, 0.66];
+    - image: [0.1, 0.1] (image [1.0, 0.6], the clamped pixel gets no gradient, as under
+      torch.clamp) -> [0.1, 0.2] -> project x 0.2 / sqrt(0.05): image [1.0, 0.6789].
+    """
+    w = jnp.array([[0.1, -0.1], [0.1, -0.1]])
+    f = lambda z: z.reshape(z.shape[0], -1) @ w
+    x = jnp.array([0.95, 0.5]).reshape(1, 1, 2, 1)
+    kw = dict(norm="l2", eps=0.2, step=0.1, steps=2, targeted=True, target=jnp.array([0]),
+              step_kind="sign", freeze_successes=False)
+    a, _ = pgd(f, x, jnp.array([1]), clip="delta", **kw)
+    b, _ = pgd(f, x, jnp.array([1]), clip="image", **kw)
+    np.testing.assert_allclose(np.asarray(a).ravel(), [1.0, 0.66], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(b).ravel(), [1.0, 0.5 + 0.04 / np.sqrt(0.05)],
+                               rtol=1e-5)
+
+
+def test_pgd_loss_bound_zeroes_the_gradient_beyond_it():
+    f = _linear(jax.random.key(3))
+    x = _batch(jax.random.key(4))
+    far = jnp.full((16,), 2)
+    kw = dict(norm="linf", eps=0.1, step=0.02, steps=3, targeted=True, target=far,
+              step_kind="sign")
+    free, _ = pgd(f, x, jnp.zeros(16, jnp.int32), **kw)
+    bounded, _ = pgd(f, x, jnp.zeros(16, jnp.int32), loss_bound=1e-3, **kw)
+    ce = optax.softmax_cross_entropy_with_integer_labels(f(x), far)
+    stuck = np.asarray(ce) > 1e-3
+    assert stuck.any()
+    np.testing.assert_array_equal(np.asarray(bounded)[stuck], np.asarray(x)[stuck])
+    assert not np.allclose(np.asarray(free)[stuck], np.asarray(x)[stuck])
+
+
 def test_pgd_vmap_equals_separate_calls():
     f = _linear(jax.random.key(9))
     xs = jnp.stack([_batch(jax.random.key(k)) for k in (10, 11, 12)])
@@ -118,15 +173,26 @@ def test_pgd_rejects_bad_arguments():
 
 # ------------------------------------------------------------------------- polariser
 def test_config_defaults_and_validation():
+    """BackdoorBench's config/defense/npd/*.yaml: (lmd1, lmd4, lmd3, lmd2) are bdjax's
+    (lambda1, lambda2, lambda3, lambda3_ce)."""
     c = npd.NPDConfig()
     assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay) == (50, 128, 0.01, 0.9,
                                                                           5e-4)
     assert (c.warmup_epochs, c.warmup_lr, c.radius, c.pgd_step, c.pgd_steps) == (5, 1e-4, 3.0,
                                                                                  0.1, 2)
-    assert (c.stop_fraction, c.lambda1, c.lambda2, c.lambda3) == (0.6, 1.0, 0.4, 0.4)
+    assert (c.stop_fraction, c.lambda1, c.lambda2, c.lambda3, c.lambda3_ce) == (
+        0.6, 1.0, 0.4, 0.4, 0.4)
+    assert (c.bce_label, c.floor, c.augment, c.uses_validation) == (
+        "prediction", 1e-4, False, False)
     g = npd.config_for("gtsrb")
-    assert (g.radius, g.lambda2) == (5.0, 0.5)
-    assert npd.config_for("tiny_imagenet", epochs=3).radius == 6.0
+    assert (g.radius, g.lambda2, g.lambda3_ce, g.warmup_epochs) == (5.0, 0.5, 0.5, 5)
+    t = npd.config_for("tiny_imagenet", epochs=3)
+    assert (t.radius, t.lambda1, t.lambda2, t.lambda3, t.lambda3_ce, t.warmup_epochs,
+            t.epochs) == (6.0, 1.0, 0.1, 0.1, 1.0, 0, 3)
+    from bdjax import defenses
+
+    run = defenses.for_run("npd", {"epochs": 2}, dataset="tiny", model="preact_resnet18")
+    assert (run.config.radius, run.config.warmup_epochs, run.config.epochs) == (6.0, 0, 2)
     with pytest.raises(BdjaxError, match="stop_fraction"):
         npd.NPDConfig(stop_fraction=0.0)
     with pytest.raises(BdjaxError, match="norm"):
@@ -141,7 +207,7 @@ def test_config_defaults_and_validation():
 def test_polariser_sits_at_the_named_conv(name, where, channels):
     model = models.get(name)
     assert model.spec.polariser_at == where
-    assert npd.polariser_channels(model) == channels
+    assert polariser_channels(model) == channels
 
 
 def test_identity_polariser_keeps_the_model(backdoored):
@@ -168,19 +234,35 @@ def test_polariser_batchnorm_train_mode():
     np.testing.assert_allclose(stats["bn"]["var"], 0.9 + 0.1 * var, rtol=1e-5)
 
 
-def test_losses_match_their_equations():
+@pytest.mark.parametrize("floor", [0.0, 1e-4])
+def test_losses_match_their_equations(floor):
+    """floor 0: the paper's Eqs. (2)-(3); 1e-4: the code's -log(1.0001 - p + 1e-12)."""
     logits = jax.random.normal(jax.random.key(0), (6, 5)) * 4
     y = jnp.array([0, 1, 2, 3, 4, 0])
     yt = jnp.array([1, 2, 3, 4, 0, 2])
-    p = np.asarray(jax.nn.softmax(logits))
-    l_bn, l_asr, l_bce = npd.npd_losses(logits, logits, y, yt)
+    yb = jnp.array([0, 1, 2, 0, 4, 1])
+    p = np.asarray(jax.nn.softmax(logits)).astype(np.float64)
+    l_bn, l_asr, l_margin, l_ce = npd.npd_losses(logits, logits, y, yt, yb, floor)
     rows = np.arange(6)
     others = p.copy()
     others[rows, np.asarray(y)] = -1
+    c = floor + 1e-12 if floor else 0.0
     np.testing.assert_allclose(l_bn, -np.log(p[rows, y]).mean(), rtol=1e-5)
-    np.testing.assert_allclose(l_asr, -np.log(1 - p[rows, yt]).mean(), rtol=1e-5)  # Eq. (2)
-    np.testing.assert_allclose(l_bce, (-np.log(p[rows, y])                          # Eq. (3)
-                                       - np.log(1 - others.max(1))).mean(), rtol=1e-5)
+    np.testing.assert_allclose(l_asr, -np.log(1 - p[rows, yt] + c).mean(), rtol=1e-5)
+    np.testing.assert_allclose(l_margin, -np.log(1 - others.max(1) + c).mean(), rtol=1e-5)
+    np.testing.assert_allclose(l_ce, -np.log(p[rows, yb]).mean(), rtol=1e-5)
+
+
+def test_floored_loss_stays_bounded_where_the_target_is_certain():
+    """A saturated sample (p_y' -> 1): the unfloored L_asr grows without bound, the
+    floored one stops at -log(1e-4) ~ 9.2 nats and its gradient stays finite."""
+    logits = jnp.array([[60.0, 0.0, 0.0]])
+    t = jnp.array([0])
+    raw = -npd.log_one_minus_softmax(logits, t)
+    floored = -npd.log_one_minus_softmax(logits, t, 1e-4)
+    assert float(raw[0]) > 50 and abs(float(floored[0]) + np.log(1e-4 + 1e-12)) < 1e-3
+    g = jax.grad(lambda z: -npd.log_one_minus_softmax(z, t, 1e-4)[0])(logits)
+    assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).max()) < 1e-3
 
 
 def test_state_with_polariser_round_trips_through_checkpoint(backdoored, tmp_path):
@@ -216,7 +298,7 @@ def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
     assert (np.abs(k - np.eye(k.shape[-1])).max(axis=(1, 2)) > 1e-4).all()
 
 
-# Scaled for CPU: SPC 100 (900 images, 8 batches of 128), 2 warm-up + 6 main epochs at the
+# Scaled for CPU: SPC 100 (1000 images, 8 batches of 128), 2 warm-up + 6 main epochs at the
 # reference lr 0.01, on the fixture trained with augmentation (on the memorised fixture,
 # y' = the runner-up class is the backdoor target for ~10% of the defender's images, so
 # the targeted PGD does not find the trigger; on this one, as on the demo's model, it is
@@ -239,7 +321,8 @@ def test_effect_halves_asr(backdoored, small_data):
     trials = (0, 1)
     run = experiment.run_defense(model, state, Defense(name="npd", defend=npd.defend,
                                                        config=EFFECT),
-                                 experiment.split_for_trials(small_data, trials, 0, spc=100),
+                                 experiment.split_for_trials(small_data, trials, 0, spc=100,
+                                                                 validation=False),
                                  _keys(trials))
     before = experiment.evaluate(model, state, test)
     after = experiment.evaluate_trials(model, run.states, test)

@@ -12,10 +12,17 @@ One compiled ``lax.while_loop`` over steps, with one perturbation per sample:
   uses sign steps of 0.1 inside an L2 ball of radius 3 (REFERENCE.md, NPD row), so the
   step kind is chosen apart from the norm;
 - zero or random start;
-- early exit: samples that already reach their goal (the target class, or any wrong
-  class when untargeted) stop moving, and the loop stops once at least
-  ``stop_fraction`` of the batch succeeds. Both are carried state, so the function runs
-  under ``vmap`` (a batched ``while_loop`` keeps finished members frozen).
+- early exit: the loop stops once ``stop_fraction`` of the batch reaches its goal (the
+  target class, or any wrong class when untargeted), tested before each step (a batch
+  that already succeeds takes none) or, as BackdoorBench's NPD, after each step (at
+  least one step, strict ``>``); successful samples stop moving unless
+  ``freeze_successes=False``. All of it is carried state, so the function runs under
+  ``vmap`` (a batched ``while_loop`` keeps finished members frozen);
+- the box: ``clip="delta"`` keeps ``x + delta`` in [0, 1] by clipping the perturbation
+  after each projection; ``clip="image"`` (BackdoorBench's NPD) keeps the perturbation
+  unclipped in its ball and clamps only the image it is added to;
+- ``loss_bound`` clamps each sample's cross-entropy (BackdoorBench's NPD: 80), which
+  zeroes the gradient of samples beyond it.
 
 The model must be in eval mode inside ``logits_fn`` (no batch statistics), so each
 sample's attack does not depend on the others.
@@ -38,6 +45,8 @@ from bdjax.errors import BdjaxError, check_choice
 
 NORMS = ("linf", "l2")
 STEP_KINDS = ("auto", "sign", "normalized")
+EXIT_CHECKS = ("before", "after")
+CLIPS = ("delta", "image")
 _TINY = 1e-12
 
 
@@ -84,7 +93,9 @@ def _success(logits, y, target, targeted: bool):
 
 def pgd(logits_fn: Callable[[jax.Array], jax.Array], x, y, *, norm: str, eps, step: float,
         steps: int, targeted: bool, target=None, stop_fraction: float | None = None,
-        key: jax.Array | None = None, step_kind: str = "auto"):
+        key: jax.Array | None = None, step_kind: str = "auto", exit_check: str = "before",
+        freeze_successes: bool = True, clip: str = "delta",
+        loss_bound: float | None = None):
     """Adversarial examples for a batch of [0, 1] images.
 
     Args:
@@ -99,9 +110,15 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x, y, *, norm: str, eps, st
       targeted: descend toward ``target`` instead of ascending the loss of ``y``.
       target: labels ``[B]`` (scalar broadcast) for targeted attacks.
       stop_fraction: stop once this fraction of the batch succeeds (None: run all
-        steps). Successful samples stop moving either way.
+        steps).
       key: random start (uniform in the ball); None starts from zero.
       step_kind: ``sign``, ``normalized`` or ``auto`` (sign for Linf, normalized for L2).
+      exit_check: test ``stop_fraction`` ``before`` each step (``>=``; zero steps when
+        the batch already succeeds) or ``after`` each step (``>``; at least one step).
+      freeze_successes: samples that reach their goal stop moving.
+      clip: ``delta`` (clip the perturbation into the image box) or ``image`` (clamp
+        only the perturbed image; the perturbation stays in its ball unclipped).
+      loss_bound: clamp each sample's cross-entropy to ``[-bound, bound]`` (None: off).
 
     Returns:
       ``(x_adv, info)`` with ``x_adv`` in [0, 1] and ``info`` = ``iterations`` (steps
@@ -110,6 +127,8 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x, y, *, norm: str, eps, st
     """
     check_choice("norm", norm, NORMS)
     check_choice("step_kind", step_kind, STEP_KINDS)
+    check_choice("exit_check", exit_check, EXIT_CHECKS)
+    check_choice("clip", clip, CLIPS)
     if targeted and target is None:
         raise BdjaxError("a targeted PGD needs target labels; accepted: target=[B] labels.")
     if steps < 0:
@@ -124,31 +143,42 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x, y, *, norm: str, eps, st
     goal = target if targeted else y
     sign = 1.0 if targeted else -1.0  # descend toward a target, ascend away from y
     stop = 2.0 if stop_fraction is None else float(stop_fraction)
+    after = exit_check == "after"
+    image = lambda delta: jnp.clip(x + delta, 0.0, 1.0) if clip == "image" else x + delta
+    box = (lambda delta: delta) if clip == "image" else (lambda delta: _clip_to_box(x, delta))
 
     def loss(delta):
-        logits = logits_fn(x + delta)
+        logits = logits_fn(image(delta))
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, goal)
+        if loss_bound is not None:
+            ce = jnp.clip(ce, -loss_bound, loss_bound)
         return jnp.sum(ce), logits  # a sum: each sample's gradient is its own
 
     grad = jax.value_and_grad(loss, has_aux=True)
 
     def body(c):
+        # The gradient pass also gives the logits at the current perturbation: the
+        # success test of "before" this step, or of "after" the previous one.
         (_, logits), g = grad(c["delta"])
         success = _success(logits, y, target, targeted)
-        done = jnp.mean(success) >= stop
-        moving = ~success & ~done
+        rate = jnp.mean(success)
+        if after:
+            done = (c["i"] > 0) & (rate > stop)
+        else:
+            done = rate >= stop
+        moving = ~done & (~success if freeze_successes else jnp.ones_like(success))
         mask = moving.reshape((b,) + (1,) * (x.ndim - 1)).astype(x.dtype)
         delta = c["delta"] - sign * step * _direction(g, kind) * mask
-        delta = _clip_to_box(x, project(delta, eps, norm))
+        delta = jnp.where(done, c["delta"], box(project(delta, eps, norm)))
         return dict(i=c["i"] + jnp.where(done, 0, 1), delta=delta, done=done)
 
     delta0 = jnp.zeros_like(x) if key is None else _random_start(key, x, eps, norm)
-    delta0 = _clip_to_box(x, project(delta0, eps, norm))
+    delta0 = box(project(delta0, eps, norm))
     c = jax.lax.while_loop(lambda c: (c["i"] < steps) & ~c["done"], body,
                            dict(i=jnp.int32(0), delta=delta0, done=jnp.bool_(False)))
-    x_adv = jnp.clip(x + c["delta"], 0.0, 1.0)  # only removes float round-off
+    x_adv = jnp.clip(x + c["delta"], 0.0, 1.0)  # clip="delta": only removes round-off
     success = _success(logits_fn(x_adv), y, target, targeted)
-    flat = c["delta"].reshape(b, -1)
+    flat = (x_adv - x).reshape(b, -1)
     dnorm = jnp.max(jnp.abs(flat), 1) if norm == "linf" else jnp.linalg.norm(flat, axis=1)
     info = dict(iterations=c["i"], success=success,
                 success_rate=jnp.mean(success.astype(jnp.float32)), delta_norm=dnorm)

@@ -8,8 +8,12 @@ named by ``ModelSpec.polariser_at``).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from bdjax.errors import BdjaxError
+from bdjax.models.base import Model, State
 
 BN_EPS = 1e-5  # PyTorch's BatchNorm2d default, as the reference polariser
 BN_MOMENTUM = 0.9  # flax convention: PyTorch momentum 0.1
@@ -61,3 +65,57 @@ def polariser_interceptor(where: str, polariser: dict, *, train: bool = False,
         return next_fun(*args, **kwargs)
 
     return interceptor
+
+
+def polariser_channels(model: Model) -> int:
+    """Channels of the input of ``model.spec.polariser_at`` (shape inference only)."""
+    where, seen = _path(model.spec.polariser_at), []
+
+    def spy(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and tuple(context.module.path) == where:
+            seen.append(args[0].shape[-1])
+        return next_fun(*args, **kwargs)
+
+    def run(state, x):
+        with nn.intercept_methods(spy):
+            return model.apply(state, x)
+
+    state = jax.eval_shape(model.init, jax.random.key(0))
+    jax.eval_shape(run, state, jax.ShapeDtypeStruct((1, *model.image_shape), jnp.float32))
+    if not seen:
+        raise BdjaxError(f"model {model.name!r} has no layer {model.spec.polariser_at!r} for "
+                         "the polariser; accepted: a model whose spec names a conv layer.")
+    return int(seen[0])
+
+
+def init_polariser(model: Model) -> dict:
+    """Identity polariser: 1x1 kernel = I, BN scale 1, bias 0, running mean 0, var 1."""
+    c = polariser_channels(model)
+    return {"params": {"conv": {"kernel": jnp.eye(c, dtype=jnp.float32)[None, None]},
+                       "bn": {"scale": jnp.ones((c,), jnp.float32),
+                              "bias": jnp.zeros((c,), jnp.float32)}},
+            "batch_stats": {"bn": {"mean": jnp.zeros((c,), jnp.float32),
+                                   "var": jnp.ones((c,), jnp.float32)}}}
+
+
+def apply_with_polariser(model: Model, state: State, x, train: bool = False):
+    """Logits of the backbone (eval mode) with ``state["polariser"]`` inserted.
+
+    Args:
+      model: the classifier.
+      state: ``{"params", "batch_stats", "polariser"}``.
+      x: images in [0, 1] (float) or uint8.
+      train: polariser BN in training mode (the backbone stays in eval mode).
+
+    Returns:
+      logits, or with ``train`` ``(logits, polariser_batch_stats)``.
+    """
+    sink: dict = {}
+    backbone = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    icpt = polariser_interceptor(model.spec.polariser_at, state["polariser"], train=train,
+                                 sink=sink)
+    with nn.intercept_methods(icpt):
+        logits = model.apply(backbone, x)
+    if train:
+        return logits, sink["stats"]
+    return logits
