@@ -95,7 +95,7 @@ def test_masked_filters_stay_exactly_zero_under_sgd():
     masks["conv2/kernel"] = masks["conv2/kernel"].at[jnp.array([0, 5, 31])].set(0.0)
     masks["conv4/kernel"] = masks["conv4/kernel"].at[7].set(0.0)
     state = {**state, "params": M.apply_masks(state["params"], masks)}
-    tx = sgd(SGDConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant"), 10)
+    tx = sgd(SGDConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant"), 10, 1)
     opts = StepOptions(augment=False)
     grad_mask = M.param_mask(state["params"], masks)
     x = jax.random.randint(jax.random.key(1), (16, 32, 32, 3), 0, 256).astype(jnp.uint8)
@@ -144,6 +144,14 @@ def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
         assert np.isnan(r["val_acc"][t, rounds:]).all()
         pruned = r["pruned_filter"][t, :rounds]
         assert len(set(pruned.tolist())) == rounds  # never the same filter twice
+        # The report says which rule ended each phase; with these small caps, a cap did
+        # whenever neither the accuracy drop nor patience had stopped it first.
+        stale_out = rounds - int(r["best_round"][t]) >= FAST["prune_patience"]
+        assert bool(r["prune_capped"][t]) == (
+            rounds == FAST["max_rounds"] and not r["prune_alpha_stop"][t] and not stale_out)
+        ft_stale = int(r["ft_epochs"][t]) - int(r["ft_best_epoch"][t]) >= FAST["ft_patience"]
+        assert bool(r["ft_capped"][t]) == (int(r["ft_epochs"][t]) == FAST["epochs"]
+                                            and not ft_stale)
     # The returned state is a plain model state with the best round's filters zeroed.
     index = S.filter_index(M.ones_masks(state["params"]))
     params = jax.tree_util.tree_map(lambda a: a[0], run.states["params"])

@@ -21,19 +21,40 @@ on its own images), labelled with the TRUE label. The unlearning loss is
    loss has not improved for ``ft_patience`` epochs (or ``epochs``); keep the best
    epoch (epoch 0, the pruned model, included).
 
+The defender's images are split: the rounds and the fine-tuning select on a validation
+split (SPC 2 -> 2 train + 1 validation per class, 10 -> 9 + 1, 100 -> 90 + 10). The
+report says what ended each phase: ``prune_capped`` / ``ft_capped`` are true when
+``max_rounds`` / ``epochs`` (caps the reference does not have), not the accuracy test or
+patience, ended it, and ``prune_alpha_stop`` when the accuracy drop did.
+
 Measured on bdjax's synthetic data (small CNN, BadNets 10%, SPC 100): on models trained
 with crop augmentation, 2-5 pruned filters and the fine-tuning take the ASR from ~95% to
 ~3% at a cost of ~2 accuracy points. A small CNN trained WITHOUT augmentation memorises
 its training images and leans on single filters: pruning any top-scored filter costs
 >= alpha of validation accuracy, so pruning keeps round 0 and the ASR stays.
 
-Differences from the reference code (github.com/WhoDunnett/Grad-Prune), on purpose:
-pruned filters are masked, so neither fine-tuning nor weight decay regrows them (the
-reference zeroes weights once); an already pruned filter is never chosen again; the
-conv's own bias is zeroed with its filter (the reference zeroes "the next parameter",
-which for bias-free convs is a BatchNorm scale or another kernel); the scoring pass does
-not update BatchNorm running statistics; the accuracy stop applies ``drop >= alpha``
-exactly (the reference's float arithmetic lets a drop of 0.9 - 0.8 pass).
+Differences from the reference code (github.com/WhoDunnett/Grad-Prune), where bdjax does
+what the code means to do:
+
+- Pruned filters are masked, so neither fine-tuning nor weight decay regrows them (the
+  reference zeroes the weights once and lets them train again); an already pruned
+  filter is never chosen again.
+- The conv's own bias is zeroed with its filter (the reference zeroes "the next
+  parameter", which for bias-free convs is a BatchNorm scale or another kernel).
+- The accuracy stop applies ``drop >= alpha`` exactly. The reference compares
+  ``c0/n - c/n < alpha`` in float64, where a drop of exactly one validation image at
+  SPC 10 (0.9 - 0.8 = 0.09999999999999998) or two at SPC 2 still passes, so its runs
+  prune one round further there.
+- Every scoring batch runs BatchNorm in training mode (``score_batch_stats``), and the
+  scoring pass does not update the running statistics. The reference switches the
+  model to eval mode after the first batch's backward pass (``prune_model.eval()``
+  inside its loop), so only its first scoring batch uses batch statistics, and that
+  batch moves its running statistics.
+- The pruning rounds are capped at ``max_rounds`` (100) and the fine-tuning at
+  ``epochs`` (100): the reference stops on patience alone. ``prune_capped`` and
+  ``ft_capped`` in the report show when a cap decided.
+- The validation unlearning loss is a mean over images; the reference sums the batch
+  means (the same order of rounds).
 
 References:
   Dunnett et al., "Unlearning Backdoor Attacks through Gradient-Based Model Pruning"
@@ -50,7 +71,7 @@ import optax
 
 from bdjax.data import DefenseData
 from bdjax.errors import BdjaxError, check_range
-from bdjax.kernels import batch_indices, cross_entropy, evaluate, sgd
+from bdjax.kernels import batch_indices, cross_entropy, evaluate, sgd, steps_per_epoch
 from bdjax.kernels.masks import apply_masks, ones_masks, param_mask
 from bdjax.kernels.scores import filter_scores, flatten, top_filter, unflatten
 from bdjax.models import Model, State
@@ -92,6 +113,10 @@ class GradPruneConfig(TrainConfig):
     ft_patience: int = 10
     score_batch_stats: bool = True
     defender_synthesises_triggers: bool = True
+
+    @property
+    def uses_validation(self) -> bool:
+        return True
 
     def __post_init__(self):
         super().__post_init__()
@@ -207,9 +232,13 @@ def _prune(model: Model, state: State, data: DefenseData, x_trig, x_val_trig,
                   val_acc=nan, val_unlearn_loss=nan,
                   pruned=jnp.full((config.max_rounds,), -1, jnp.int32))
     c = jax.lax.while_loop(cond, body, carry0)
+    last = jnp.maximum(c["round"] - 1, 0)
+    alpha_stop = ~(acc0 - c["val_acc"][last] < config.alpha - 1e-6)
+    capped = (c["round"] >= rounds_cap) & ~alpha_stop & (c["stale"] < config.prune_patience)
     report = dict(rounds=c["round"], best_round=c["best_round"], val_acc_before=acc0,
                   val_unlearn_loss_before=unlearn0, val_acc=c["val_acc"],
-                  val_unlearn_loss=c["val_unlearn_loss"], pruned_filter=c["pruned"])
+                  val_unlearn_loss=c["val_unlearn_loss"], pruned_filter=c["pruned"],
+                  prune_alpha_stop=alpha_stop, prune_capped=capped)
     return unflatten(c["best_mask"], index), report
 
 
@@ -236,8 +265,7 @@ def _finetune(model: Model, state: State, masks, data: DefenseData, x_trig,
               config: GradPruneConfig, key):
     """Fine-tuning epochs with validation-loss patience; returns (best state, report)."""
     n = data.x_train.shape[0]
-    steps = -(-n // min(config.batch_size, n))
-    tx = sgd(config.sgd, config.epochs * steps)
+    tx = sgd(config.sgd, steps_per_epoch(n, config.batch_size), config.epochs)
     grad_mask = param_mask(state["params"], masks)
     _, loss0 = evaluate(model, state, data.x_val, data.y_val)
     nan = jnp.full((config.epochs,), jnp.nan, jnp.float32)
@@ -275,7 +303,8 @@ def _finetune(model: Model, state: State, masks, data: DefenseData, x_trig,
                   stale=jnp.int32(0), done=jnp.bool_(False), best=state, best_loss=loss0,
                   best_epoch=jnp.int32(0), train_loss=nan, val_loss=nan)
     c = jax.lax.while_loop(lambda c: ~c["done"], body, carry0)
-    report = dict(ft_epochs=c["epoch"], ft_best_epoch=c["best_epoch"],
+    capped = (c["epoch"] >= config.epochs) & (c["stale"] < config.ft_patience)
+    report = dict(ft_epochs=c["epoch"], ft_best_epoch=c["best_epoch"], ft_capped=capped,
                   ft_val_loss_before=loss0, ft_train_loss=c["train_loss"],
                   ft_val_loss=c["val_loss"])
     return c["best"], report
@@ -292,8 +321,10 @@ def defend(model: Model, state: State, data: DefenseData, config: GradPruneConfi
     returned model), ``val_acc`` / ``val_unlearn_loss`` / ``pruned_filter`` per round
     ([max_rounds], NaN / -1 after the last round; filter numbers index
     :func:`bdjax.kernels.scores.flatten`'s order), their values before pruning,
-    ``ft_epochs``, ``ft_best_epoch``, ``ft_train_loss`` / ``ft_val_loss`` per epoch
-    ([epochs], NaN padded).
+    ``prune_alpha_stop`` (the accuracy drop ended the rounds), ``prune_capped`` (
+    ``max_rounds`` or the filter count did), ``ft_epochs``, ``ft_best_epoch``,
+    ``ft_capped`` (``epochs`` ended the fine-tuning, not ``ft_patience``),
+    ``ft_train_loss`` / ``ft_val_loss`` per epoch ([epochs], NaN padded).
 
     Raises:
       BdjaxError: when ``data.trigger`` is None (the threat model needs it).
