@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +45,62 @@ def test_blend_image_is_fixed_and_natural_looking():
     assert a.dtype == np.uint8 and a.min() == 0 and a.max() == 255
     # Smooth: neighbouring pixels differ far less than random pixels do.
     assert np.abs(np.diff(a.astype(int), axis=1)).mean() < 20
+
+
+def _picture(path, size=(57, 40)):
+    """A sharp-edged RGB picture of another size, written as a real PNG file."""
+    from PIL import Image
+
+    w, h = size
+    yy, xx = np.mgrid[:h, :w]
+    img = np.stack([(xx * 7) % 256, (yy * 11) % 256, ((xx // 6 + yy // 6) % 2) * 255], -1)
+    Image.fromarray(img.astype(np.uint8)).save(path)
+    return path
+
+
+def test_blended_with_an_image_file_resizes_it_as_the_reference(tmp_path):
+    """--param image=PATH: read the file, resize it to the input size with PIL's bilinear
+    filter (the reference's transforms.Resize on a PIL image), blend it; the attack
+    records the file's absolute path and SHA-256."""
+    from PIL import Image
+
+    path = _picture(tmp_path / "kitty.png")
+    atk = attacks.get("blended", image=str(path))
+    params = dict(atk.params)
+    assert params["image"] == str(path.resolve())
+    assert params["image_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    with Image.open(path) as im:
+        t = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR), np.float32)
+    out = np.asarray(atk.stamp(X))
+    want = np.clip(np.round(0.8 * X.astype(np.float32) + 0.2 * t), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, want)
+    assert not np.array_equal(out, np.asarray(attacks.get("blended").stamp(X)))
+    # Greyscale datasets get a greyscale trigger.
+    g = np.asarray(atk.stamp(np.zeros((2, 16, 16, 1), np.uint8)))
+    assert g.shape == (2, 16, 16, 1)
+
+
+def test_blended_image_is_rebuilt_from_checkpoint_metadata_and_checked(tmp_path):
+    from bdjax import experiment
+
+    path = _picture(tmp_path / "t.png")
+    atk = attacks.get("blended", image=str(path), alpha=0.1)
+    meta = {"attack": json.loads(json.dumps(atk.config))}  # as bdjax.json stores it
+    assert meta["attack"]["params"]["image_sha256"] == dict(atk.params)["image_sha256"]
+    assert experiment.attack_from_meta(meta, 10) == atk
+    _picture(path, size=(20, 20))  # the file changed since the checkpoint was made
+    with pytest.raises(BdjaxError, match="has SHA-256"):
+        experiment.attack_from_meta(meta, 10)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: p / "missing.png", "does not exist"),
+    (lambda p: (p / "notes.png").write_text("not an image") and p / "notes.png",
+     "could not be read"),
+])
+def test_blended_rejects_bad_image_files(tmp_path, make, match):
+    with pytest.raises(BdjaxError, match=match):
+        attacks.get("blended", image=str(make(tmp_path)))
 
 
 def test_sig_adds_the_sinusoid_per_column():

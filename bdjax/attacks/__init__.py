@@ -29,7 +29,8 @@ class _Spec:
 
 _REGISTRY = {
     "badnets": _Spec(triggers.badnets, {"size": None, "value": 255}),  # size None: 3/32 of H
-    "blended": _Spec(triggers.blended, {"alpha": 0.2}),
+    # image None: bdjax's own picture; a path: that file (its SHA-256 filled in by get()).
+    "blended": _Spec(triggers.blended, {"alpha": 0.2, "image": None, "image_sha256": None}),
     "sig": _Spec(triggers.sig, {"delta": 40.0, "freq": 6.0}, clean_label=True),
 }
 
@@ -92,6 +93,14 @@ def get(name: str, *, target: int = 0, mode: str = "all_to_one", num_classes: in
     merged = {**spec.defaults, **params}
     if "alpha" in merged:
         check_range("alpha", merged["alpha"], 0, 1, low_open=True)
+    if merged.get("image") is not None:
+        from bdjax.attacks.images import resolve_trigger_image
+
+        merged["image"], merged["image_sha256"] = resolve_trigger_image(
+            merged["image"], merged.get("image_sha256"))
+    elif merged.get("image_sha256") is not None:
+        raise BdjaxError("image_sha256 is given without image; accepted: image=PATH "
+                         "(its checksum is computed and recorded by bdjax).")
     return Attack(name=name, target=int(target), mode=mode,
                   params=tuple(sorted(merged.items())))
 

@@ -52,13 +52,31 @@ def blend_image(h: int, w: int, c: int = 3) -> np.ndarray:
     return np.round(img * 255).astype(np.uint8)
 
 
-def blended(images, key=None, *, alpha: float = 0.2):
-    """Blended: x' = (1 - alpha) x + alpha t with bdjax's fixed image t.
+def blended(images, key=None, *, alpha: float = 0.2, image: str | None = None,
+            image_sha256: str | None = None):
+    """Blended: x' = (1 - alpha) x + alpha t with a fixed image t.
+
+    ``t`` is bdjax's own image (:func:`blend_image`) unless ``image`` names an image file,
+    which is read and resized to the input size with bilinear filtering as the
+    reference does (:func:`bdjax.attacks.images.load_trigger_image`); ``image_sha256`` is
+    the file's checksum, checked when the attack is built (``bdjax.attacks.get``).
+
+    The reference (BackdoorBench) blends a bright cartoon picture with sharp outlines,
+    ``resource/blended/hello_kitty.jpeg``; bdjax's own image is smooth and low-frequency,
+    so Blended numbers are comparable only with the same image (``--param image=PATH``).
+    Both images are asymmetric: with horizontal-flip augmentation (CIFAR-10) the model
+    learns the trigger and its mirror image, two triggers.
 
     References: Chen et al., "Targeted backdoor attacks ... data poisoning", 2017.
     """
     h, w, c = images.shape[-3:]
-    t = jnp.asarray(blend_image(h, w, c), jnp.float32)
+    if image is None:
+        picture = blend_image(h, w, c)
+    else:
+        from bdjax.attacks.images import load_trigger_image
+
+        picture = load_trigger_image(image, h, w, c)
+    t = jnp.asarray(picture, jnp.float32)
     mixed = (1.0 - alpha) * images.astype(jnp.float32) + alpha * t
     return jnp.clip(jnp.round(mixed), 0, 255).astype(jnp.uint8)
 
