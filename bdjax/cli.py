@@ -42,22 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser("attack", help="poison a dataset, train a backdoored model, checkpoint it")
-    a.add_argument("--dataset", default="synthetic", help="synthetic (default) or cifar10")
-    a.add_argument("--model", default="small_cnn",
-                   help="small_cnn (default), preact_resnet18, vgg19_bn")
+    a.add_argument("--dataset", help="synthetic (default) or cifar10 (default: the config's)")
+    a.add_argument("--model", help="small_cnn, preact_resnet18, vgg19_bn (default: the "
+                   "config's: small_cnn for synthetic, preact_resnet18 for cifar10)")
     a.add_argument("--attack", default="badnets", help="badnets (default), blended, sig")
     a.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio (default 0.1)")
     a.add_argument("--target", type=int, default=0, help="target label (default 0)")
     a.add_argument("--mode", default="all_to_one", help="all_to_one (default) or all_to_all")
     a.add_argument("--param", action="append", metavar="NAME=VALUE",
-                   help="trigger parameter, e.g. alpha=0.1 (repeatable)")
+                   help="trigger parameter, e.g. alpha=0.1 or (blended) image=PATH "
+                   "(repeatable)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", required=True, help="checkpoint directory to write")
     a.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     a.add_argument("--epochs", type=int, help="training epochs (default: dataset config)")
     a.add_argument("--lr", type=float, help="learning rate (default: dataset config)")
     a.add_argument("--batch-size", type=int, help="batch size (default: dataset config)")
-    a.add_argument("--config", help="a config file (default configs/<dataset>.py)")
+    a.add_argument("--config", help="a shipped config name (e.g. survey_cifar10) or a "
+                   "Python file (default: the dataset's config)")
     a.add_argument("--smoke", action="store_true", help="tiny settings for a quick check")
     a.add_argument("--data-dir", help="where prepared datasets live (cifar10)")
     a.add_argument("--data-archive", help="local cifar-10-binary.tar.gz (cifar10)")
@@ -75,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="defense setting override, e.g. epochs=20 (repeatable)")
     d.add_argument("--strategy", default="vmap", help="vmap (default) or sequential")
-    d.add_argument("--config", help="a config file (default configs/<dataset>.py)")
+    d.add_argument("--config", help="a shipped config name (e.g. survey_cifar10) or a "
+                   "Python file (default: the checkpoint's dataset's config)")
     d.add_argument("--smoke", action="store_true", help="tiny settings for a quick check")
 
     i = sub.add_parser("info", help="print a checkpoint's metadata")
@@ -114,18 +117,44 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _attack(args) -> None:
-    from bdjax import config, experiment
+def attack_settings(args) -> tuple[str, str, dict, dict]:
+    """(dataset, model, config, training settings) of ``bdjax attack``: flags win over
+    the config (``--config``, else the dataset's shipped one), which wins over the
+    defaults (synthetic data, small CNN)."""
+    import dataclasses
+
+    from bdjax import config
+    from bdjax.errors import BdjaxError
     from bdjax.train import TrainConfig
 
-    cfg = config.load(args.config, dataset=args.dataset, smoke=args.smoke)
+    if args.config:
+        cfg = config.load(args.config, smoke=args.smoke)
+        dataset = args.dataset or cfg["dataset"] or "synthetic"
+    else:
+        dataset = args.dataset or "synthetic"
+        cfg = config.load(None, dataset=dataset, smoke=args.smoke)
+    model = args.model or cfg["model"] or "small_cnn"
     train = {**cfg["train"], **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr),
                                                    ("batch_size", args.batch_size))
                                 if v is not None}}
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    for k in train:
+        if k not in fields:
+            raise BdjaxError(f"unknown training setting {k!r} in the config; accepted: "
+                             f"{', '.join(fields)}.")
+    return dataset, model, cfg, train
+
+
+def _attack(args) -> None:
+    from bdjax import experiment
+    from bdjax.train import TrainConfig
+
+    dataset, model, cfg, train = attack_settings(args)
     dataset_args = {**cfg["dataset_args"], "data_dir": args.data_dir,
                     "archive": args.data_archive}
+    _log(f"{dataset}, {model}: training {train.get('epochs', TrainConfig.epochs)} epochs")
     meta = experiment.run_attack(
-        dataset=args.dataset, model=args.model, attack=args.attack, ratio=args.ratio,
+        dataset=dataset, model=model, attack=args.attack, ratio=args.ratio,
         target=args.target, mode=args.mode, seed=args.seed, out=args.out,
         train_config=TrainConfig(**train), attack_params=_key_values(args.param, "--param"),
         dataset_args=dataset_args, overwrite=args.overwrite,
@@ -178,7 +207,7 @@ def _demo(args) -> None:
     t0 = time.perf_counter()
     _log(f"[1/2] BadNets 10% on the synthetic data, small CNN -> {ckpt}")
     ns = argparse.Namespace
-    _attack(ns(dataset="synthetic", model="small_cnn", attack="badnets", ratio=0.1, target=0,
+    _attack(ns(dataset="synthetic", model=None, attack="badnets", ratio=0.1, target=0,
                mode="all_to_one", param=None, seed=args.seed, out=str(ckpt), overwrite=True,
                epochs=None, lr=None, batch_size=None, config=None, smoke=args.smoke,
                data_dir=None, data_archive=None, no_progress=args.no_progress))

@@ -106,3 +106,50 @@ def test_bdjax_runs_without_tensorflow_datasets(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def _attack_args(*argv):
+    from bdjax.cli import _parser
+
+    return _parser().parse_args(["attack", "--out", "X", *argv])
+
+
+def test_the_dataset_config_chooses_the_model_and_training():
+    """`bdjax attack --dataset cifar10` trains PreAct-ResNet18 for 100 epochs as
+    BackdoorBench does; the synthetic default is the small CNN's CPU settings."""
+    from bdjax.cli import attack_settings
+
+    dataset, model, _, train = attack_settings(_attack_args("--dataset", "cifar10"))
+    assert (dataset, model, train["epochs"]) == ("cifar10", "preact_resnet18", 100)
+    dataset, model, _, train = attack_settings(_attack_args())
+    assert (dataset, model, train["epochs"]) == ("synthetic", "small_cnn", 20)
+    _, model, _, train = attack_settings(_attack_args("--dataset", "cifar10", "--model",
+                                                      "vgg19_bn", "--epochs", "3"))
+    assert (model, train["epochs"]) == ("vgg19_bn", 3)
+    dataset, model, cfg, _ = attack_settings(_attack_args("--config", "survey_cifar10"))
+    assert (dataset, model) == ("cifar10", "preact_resnet18")
+    assert cfg["defenses"]["fst"] == {"epochs": 15, "lr": 0.01, "alpha": 0.2}
+    assert cfg["sweep"]["spc"] == [2, 10, 100] and cfg["sweep"]["trials"] == 10
+
+
+def test_shipped_configs_all_load(tmp_path):
+    from bdjax import config
+
+    assert {"cifar10", "survey_cifar10", "synthetic"} <= set(config.names())
+    for name in config.names():
+        for smoke in (False, True):
+            cfg = config.load(name, smoke=smoke)
+            assert cfg["dataset"] and cfg["model"], name
+    own = tmp_path / "mine.py"
+    own.write_text("def get_config(smoke=False):\n    return {'defenses': {'ft': {'epochs': 3}}}\n")
+    assert config.load(str(own))["defenses"] == {"ft": {"epochs": 3}}
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["attack", "--config", "nope", "--out", "X"], "unknown config 'nope'"),
+    (["attack", "--config", "missing.py", "--out", "X"], "config 'missing.py' does not exist"),
+])
+def test_bad_config_names_exit_2(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
