@@ -152,7 +152,6 @@ def _attack(args) -> None:
     dataset, model, cfg, train = attack_settings(args)
     dataset_args = {**cfg["dataset_args"], "data_dir": args.data_dir,
                     "archive": args.data_archive}
-    _log(f"{dataset}, {model}: training {train.get('epochs', TrainConfig.epochs)} epochs")
     meta = experiment.run_attack(
         dataset=dataset, model=model, attack=args.attack, ratio=args.ratio,
         target=args.target, mode=args.mode, seed=args.seed, out=args.out,

@@ -294,7 +294,8 @@ def run_attack(*, dataset: str = "synthetic", model: str = "small_cnn",
     poisoned = attacks.poison(atk, ds.x_train, ds.y_train, ds.num_classes, ratio,
                               jax.random.fold_in(root, 1))
     log(f"{dataset}: {len(ds.x_train)} train / {len(ds.x_test)} test images; "
-        f"{atk.name} poisons {len(poisoned.indices)} ({ratio:.1%}), target {target}")
+        f"{atk.name} poisons {len(poisoned.indices)} ({ratio:.1%}), target {target}; "
+        f"{mdl.name}: training {train_config.epochs} epochs")
     t0 = time.perf_counter()
     state, history = train(mdl, poisoned.x, poisoned.y, train_config,
                            jax.random.fold_in(root, 2), flip=ds.flip, progress=progress)
