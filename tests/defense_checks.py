@@ -57,3 +57,30 @@ def assert_vmap_matches_sequential(model, state, defense, dataset, test, *, spc=
             assert abs(float(one[k][0]) - float(scores[k][i])) <= atol, (k, t, one, scores)
     assert len(traces) == 2, f"{len(traces)} traces: the one-trial program was traced again"
     return together, scores
+
+
+def shipped(name, **extra):
+    """The defense as `bdjax defend` runs it on the synthetic data with the shipped
+    config (configs/synthetic.py), plus ``extra`` settings."""
+    from bdjax import config, defenses
+
+    overrides = {**config.load(None, dataset="synthetic")["defenses"].get(name, {}), **extra}
+    return defenses.for_run(name, overrides, dataset="synthetic", model="small_cnn",
+                            flip=False)
+
+
+def assert_halves_asr(model, state, defense, dataset, test, *, spc=100, trials=(0, 1),
+                      trigger=None, max_acc_drop=0.10):
+    """Issue 8's bar on the test fixture: over ``trials`` at ``spc``, the mean ASR is at
+    most half of the ASR before and the mean clean accuracy drops by less than
+    ``max_acc_drop``. Returns the run and the per-trial scores after."""
+    split = _split(dataset, trials, spc, trigger, defense.uses_validation)
+    run = experiment.run_defense(model, state, defense, split, _keys(trials))
+    before = experiment.evaluate(model, state, test)
+    after = experiment.evaluate_trials(model, run.states, test)
+    print(f"{defense.name}: ACC {before['acc']:.3f} -> "
+          f"{'/'.join(f'{a:.3f}' for a in after['acc'])}, ASR {before['asr']:.3f} -> "
+          f"{'/'.join(f'{a:.3f}' for a in after['asr'])}")  # shown with pytest -s
+    assert after["asr"].mean() <= before["asr"] / 2, (defense.settings, before, after)
+    assert before["acc"] - after["acc"].mean() < max_acc_drop, (defense.settings, before, after)
+    return run, after

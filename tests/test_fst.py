@@ -5,7 +5,7 @@ import pytest
 
 from bdjax import defenses, experiment, models
 from bdjax.defenses import fst
-from tests.defense_checks import assert_vmap_matches_sequential
+from tests.defense_checks import assert_halves_asr, assert_vmap_matches_sequential, shipped
 
 # Two short epochs: enough to move every trainable part (the effect test runs longer).
 CHEAP = dict(epochs=2, batch_size=64, augment=False, flip=False)
@@ -69,25 +69,18 @@ def test_frozen_parts_stay_frozen_and_the_head_keeps_its_norm(backdoored, small_
 
 
 def test_fst_halves_asr_and_keeps_accuracy(backdoored, small_data):
-    """FST on SPC-100 data. alpha 0.02 for the small CNN: its head has ||W||^2 ~ 60, so the
-    paper's 0.2 lets the penalty (down to -alpha ||W||^2 ~ -12) outweigh the CE loss and
-    costs ~37 accuracy points; measured with 0.02: ASR 94% -> 0.2/0.9%, ACC 92% -> 83/84%."""
+    """FST with the shipped synthetic settings (configs/synthetic.py: alpha 0.02, 30 epochs)
+    at SPC 100, 2 trials. Measured: ACC 90.7% -> 88.8/86.2%, ASR 93.1% -> 3.7/3.7%."""
     model, state, _, test = backdoored
-    before = experiment.evaluate(model, state, test)
-    split = experiment.split_for_trials(small_data, (0, 1), 0, spc=100, validation=False)
-    defense = defenses.get("fst", epochs=10, batch_size=64, augment=False, flip=False,
-                           alpha=0.02)
-    run = experiment.run_defense(model, state, defense, split,
-                                 jnp.stack([jax.random.key(t) for t in range(2)]))
-    after = experiment.evaluate_trials(model, run.states, test)
-    assert after["asr"].mean() <= before["asr"] / 2, (before, after)
-    assert after["acc"].mean() >= before["acc"] - 0.10, (before, after)
+    run, _ = assert_halves_asr(model, state, shipped("fst"), small_data, test)
     # The projection held: the head keeps its original norm.
     norms = np.linalg.norm(np.asarray(run.states["params"]["head"]["kernel"]).reshape(2, -1), axis=1)
     np.testing.assert_allclose(norms, np.linalg.norm(state["params"]["head"]["kernel"]), rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fst", "lp", "fe_tuning", "ft_init"])
+# fst and fe_tuning span the family's two code paths (the original head trained, a
+# re-drawn head frozen); lp and ft_init differ from them only in which parameters move.
+@pytest.mark.parametrize("name", ["fst", "fe_tuning"])
 def test_vmapped_trials_equal_separate_runs_and_compile_once(backdoored, small_data, name):
     model, state, _, test = backdoored
     assert_vmap_matches_sequential(model, state, defenses.get(name, **CHEAP), small_data, test)

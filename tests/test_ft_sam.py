@@ -8,13 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from bdjax import experiment
 from bdjax.defenses import Defense, ft_sam
 from bdjax.errors import BdjaxError
-from bdjax.kernels import StepOptions, cross_entropy, sgd
+from bdjax.kernels import SGDConfig, StepOptions, cross_entropy, sgd
 from bdjax.kernels.sam import run_sam_epoch, sam_perturbation, sam_train_step
-from bdjax.kernels import SGDConfig
-from tests.defense_checks import assert_vmap_matches_sequential
+from tests.defense_checks import assert_halves_asr, assert_vmap_matches_sequential, shipped
 
 
 def _random_tree(seed):
@@ -166,11 +164,6 @@ def test_label_smoothing_puts_eps_over_c_minus_1_on_the_other_classes():
                                rtol=1e-6)
 
 
-# The CPU scaling of configs/synthetic.py (reference: 100 epochs, batch 256, lr 0.01):
-# SPC 100 (900 images), batch 128, lr 0.02, 20 epochs, without label smoothing. Measured
-# (2 trials): ASR 94% -> 41/49%, ACC 92% -> 91%. With smoothing 0.1 the ASR only falls to
-# 57/63% in 20 epochs; at 15 epochs without it, to 43/52% (mean 47%, not quite half).
-EFFECT = dict(epochs=20, batch_size=128, lr=0.02, flip=False, label_smoothing=0.0)
 FAST = dict(epochs=2, batch_size=32, flip=False)
 
 
@@ -179,18 +172,14 @@ def _defense(**kw):
 
 
 def test_ft_sam_removes_backdoor(backdoored, small_data):
-    """FT-SAM halves the BadNets ASR and keeps clean accuracy within 10 points."""
+    """FT-SAM with the shipped synthetic settings (configs/synthetic.py: 20 epochs, batch
+    128, lr 0.02, rho 3) at SPC 100, one trial (the vmap test below covers several).
+    Measured: ACC 90.7% -> 95.5%, ASR 93.1% -> 17.2% (trial 1: 94.6%, 14.1%)."""
     model, state, _, test = backdoored
-    before = experiment.evaluate(model, state, test)
-    defense = _defense(rho=ft_sam.default_rho("synthetic", "small_cnn"), **EFFECT)
-    split = experiment.split_for_trials(small_data, (0, 1), 0, spc=100, validation=False)
-    keys = jnp.stack([jax.random.key(t) for t in range(2)])
-    run = experiment.run_defense(model, state, defense, split, keys)
-    after = experiment.evaluate_trials(model, run.states, test)
-    assert after["asr"].mean() <= before["asr"] / 2, (before, after)
-    assert after["acc"].mean() >= before["acc"] - 0.10, (before, after)
-    assert run.reports["train_loss"].shape == (2, EFFECT["epochs"])
-    assert np.isfinite(run.reports["val_acc"]).all()
+    defense = shipped("ft_sam")
+    run, _ = assert_halves_asr(model, state, defense, small_data, test, trials=(0,))
+    assert run.reports["train_loss"].shape == (1, defense.config.epochs)
+    assert np.isfinite(run.reports["train_acc"]).all()
 
 
 def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
