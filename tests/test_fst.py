@@ -70,11 +70,12 @@ def test_frozen_parts_stay_frozen_and_the_head_keeps_its_norm(backdoored, small_
 
 def test_fst_halves_asr_and_keeps_accuracy(backdoored, small_data):
     """FST with the shipped synthetic settings (configs/synthetic.py: alpha 0.02, 30 epochs)
-    at SPC 100, 2 trials. Measured: ACC 90.7% -> 88.8/86.2%, ASR 93.1% -> 3.7/3.7%."""
+    at SPC 100, one trial (the vmap test below covers several). Measured: ACC 90.7% ->
+    88.8%, ASR 93.1% -> 3.7% (trial 1: 86.2%, 3.7%)."""
     model, state, _, test = backdoored
-    run, _ = assert_halves_asr(model, state, shipped("fst"), small_data, test)
+    run, _ = assert_halves_asr(model, state, shipped("fst"), small_data, test, trials=(0,))
     # The projection held: the head keeps its original norm.
-    norms = np.linalg.norm(np.asarray(run.states["params"]["head"]["kernel"]).reshape(2, -1), axis=1)
+    norms = np.linalg.norm(np.asarray(run.states["params"]["head"]["kernel"]).reshape(1, -1), axis=1)
     np.testing.assert_allclose(norms, np.linalg.norm(state["params"]["head"]["kernel"]), rtol=1e-4)
 
 
