@@ -22,7 +22,11 @@ runs with its spread, compile time always apart from run time:
   ``run_defense`` a user calls. Grad-Prune's data-dependent rounds and epochs are fixed
   (``rounds`` pruning rounds, ``epochs`` of fine-tuning, no early stop) so that every
   run does the same work;
-- **trial scaling**: each defense with T vmapped trials (``--trials``), time(T)/time(1);
+- **trial scaling**: each defense with T vmapped trials (``--trials``), time(T)/time(1),
+  in each trial layout of ``--layouts`` (:data:`LAYOUTS`): ``vmap`` (the runner's
+  default), ``vmap-native`` (per-trial conv weights as grouped convolutions),
+  ``vmap-fold`` (bdjax's trial-folding conv rule on every backend), ``map`` (the trials
+  in sequence inside one program), so one run shows which layout the runner should use;
 - **bf16**: the units run with bfloat16 compute and float32 parameters too (default on
   accelerators; on a CPU, which emulates bfloat16, only with ``--dtypes``).
 
@@ -49,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdjax import attacks, defenses, experiment, models
+from bdjax import attacks, defenses, experiment, models, records
 from bdjax.data import DefenseData
 from bdjax.errors import BdjaxError, check_choice
 from bdjax.kernels import SGDConfig, StepOptions, evaluate, sgd, to_unit, train_step
@@ -79,6 +83,7 @@ class Profile:
       scaling_overrides: settings of the trial-scaling runs (shorter: the ratio, not
         the length, is the figure).
       matmul: size of the square matrix product that measures the peak.
+      layouts: trial layouts of the scaling runs (:data:`LAYOUTS`).
     """
 
     models: tuple[str, ...]
@@ -92,7 +97,13 @@ class Profile:
     defense_overrides: dict
     scaling_overrides: dict
     matmul: int
+    layouts: tuple[str, ...] = ("vmap",)
 
+
+# Trial layouts (bdjax.runner): name -> (strategy, conv_rule). "vmap" is the runner's
+# default (conv rule auto: fold on CPU, native elsewhere).
+LAYOUTS = {"vmap": ("vmap", "auto"), "vmap-native": ("vmap", "native"),
+           "vmap-fold": ("vmap", "fold"), "map": ("map", "auto")}
 
 # Grad-Prune: fixed work (no data-dependent stop); NPD/FT-SAM/FT/FST: REFERENCE defaults.
 _FULL_DEFENSES = {"grad_prune": dict(max_rounds=20, prune_patience=20, alpha=1.0,
@@ -361,17 +372,20 @@ def _split(d: dict, trials: int) -> DefenseData:
 
 
 def time_defense(model, state, name: str, overrides: dict, d: dict, trials: int,
-                 repeats: int) -> dict:
-    """Compile once, then time ``repeats`` whole runs of ``name`` over ``trials``."""
+                 repeats: int, layout: str = "vmap") -> dict:
+    """Compile once, then time ``repeats`` whole runs of ``name`` over ``trials`` laid
+    out as ``layout`` (:data:`LAYOUTS`)."""
     dfn = defenses.get(name, **overrides)
     split = _split(d, trials)
     if dfn.needs_trigger:
         split = dataclasses.replace(split, trigger=d["attack"])
     keys = jnp.stack([jax.random.key(t) for t in range(trials)])
-    first = experiment.run_defense(model, state, dfn, split, keys)
-    runs = [first.seconds_run] + [experiment.run_defense(model, state, dfn, split, keys)
-                                  .seconds_run for _ in range(repeats - 1)]
-    return {"defense": name, "trials": trials, "settings": dfn.settings,
+    strategy, rule = LAYOUTS[layout]
+    call = lambda: experiment.run_defense(model, state, dfn, split, keys, strategy=strategy,
+                                          conv_rule=rule)
+    first = call()
+    runs = [first.seconds_run] + [call().seconds_run for _ in range(repeats - 1)]
+    return {"defense": name, "trials": trials, "layout": layout, "settings": dfn.settings,
             "compile_seconds": first.seconds_compile, "seconds": spread(runs),
             "seconds_per_trial": statistics.median(runs) / trials}
 
@@ -381,8 +395,8 @@ def machine() -> dict:
     dev = jax.devices()[0]
     info = {"platform": platform.platform(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-            "device": experiment.device_name(), "device_kind": getattr(dev, "device_kind", ""),
-            "device_count": jax.device_count(), "versions": experiment.versions()}
+            "device": records.device_name(), "device_kind": getattr(dev, "device_kind", ""),
+            "device_count": jax.device_count(), "versions": records.versions()}
     try:
         import torch
 
@@ -428,11 +442,12 @@ def run(profile: Profile, *, dtypes=("float32",), defense_names=None, use_torch=
             log(f"defense: {name} {dname} {over or '(reference settings)'}")
             result["defenses"].append({"model": name, **time_defense(
                 model, state, dname, over, d, 1, profile.repeats)})
-            for t in profile.trials:
-                log(f"scaling: {name} {dname} T={t}")
-                result["scaling"].append({"model": name, **time_defense(
-                    model, state, dname, profile.scaling_overrides.get(dname, {}), d, t,
-                    profile.repeats)})
+            for layout in profile.layouts:
+                for t in profile.trials:
+                    log(f"scaling: {name} {dname} T={t} {layout}")
+                    result["scaling"].append({"model": name, **time_defense(
+                        model, state, dname, profile.scaling_overrides.get(dname, {}), d, t,
+                        profile.repeats, layout)})
     return result
 
 
@@ -442,7 +457,7 @@ def write_json(result: dict, path: pathlib.Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(experiment._jsonable(result), f, indent=1, sort_keys=True)
+            json.dump(records.jsonable(result), f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -491,15 +506,17 @@ def tables(result: dict) -> str:
         ["model", "defense", "compile s", "run s (median [min-max])"],
         [[r["model"], r["defense"], f"{r['compile_seconds']:.1f}", _s(r["seconds"])]
          for r in result["defenses"]])
-    base = {(r["model"], r["defense"]): r["seconds"]["median"]
+    layout = lambda r: r.get("layout", "vmap")
+    base = {(r["model"], r["defense"], layout(r)): r["seconds"]["median"]
             for r in result["scaling"] if r["trials"] == 1}
     rows = []
     for r in result["scaling"]:
-        one = base.get((r["model"], r["defense"]))
-        rows.append([r["model"], r["defense"], r["trials"], _s(r["seconds"]),
+        one = base.get((r["model"], r["defense"], layout(r)))
+        rows.append([r["model"], r["defense"], layout(r), r["trials"], _s(r["seconds"]),
                      f"{r['seconds_per_trial']:.4g}",
                      f"{r['seconds']['median'] / one:.2f}" if one else "-"])
-    out += [""] + _table(["model", "defense", "T", "run s", "s/trial", "time(T)/time(1)"], rows)
+    out += [""] + _table(["model", "defense", "layout", "T", "run s", "s/trial",
+                          "time(T)/time(1)"], rows)
     return "\n".join(out)
 
 
@@ -534,6 +551,11 @@ def main(args) -> dict:
         profile = dataclasses.replace(profile, trials=parse_ints(args.trials, "--trials"))
     if args.repeats:
         profile = dataclasses.replace(profile, repeats=args.repeats)
+    if args.layouts:
+        layouts = tuple(args.layouts.split(","))
+        for lay in layouts:
+            check_choice("layout", lay, LAYOUTS)
+        profile = dataclasses.replace(profile, layouts=layouts)
     # bfloat16 is for accelerators (CPUs emulate it); there it is measured by default.
     default = "float32" if jax.default_backend() == "cpu" else "float32,bfloat16"
     dtypes = tuple((args.dtypes or default).split(","))

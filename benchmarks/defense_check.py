@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from bdjax import checkpoint, config, experiment
+from bdjax import checkpoint, config, experiment, records
 from bdjax.cli import _key_values
 
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             ckpt, args.defense, overrides=overrides, spc=args.spc, trials=args.trials,
             seed=args.seed, log=lambda m: None)
         if args.out:
-            experiment.append_rows(args.out, rows)
+            records.append_rows(args.out, rows)
         acc = np.mean([r["acc"] for r in rows])
         asr = np.mean([r["asr"] for r in rows])
         acc0, asr0 = rows[0]["acc_before"], rows[0]["asr_before"]

@@ -56,6 +56,9 @@ def test_defense_timing_runs_vmapped_trials():
     assert r["trials"] == 2 and r["settings"]["epochs"] == 1
     assert len(r["seconds"]["samples"]) == 2 and r["seconds"]["median"] > 0
     assert r["seconds_per_trial"] == pytest.approx(r["seconds"]["median"] / 2)
+    m = bench.time_defense(model, state, "ft", dict(epochs=1, batch_size=16), d, trials=2,
+                           repeats=1, layout="map")
+    assert m["layout"] == "map" and r["layout"] == "vmap"
 
 
 def test_run_writes_json_and_tables(tmp_path):
@@ -78,3 +81,5 @@ def test_cli_rejects_bad_bench_arguments(capsys):
     assert "--trials" in capsys.readouterr().err
     assert cli.main(["bench", "--quick", "--models", "resnet9000"]) == 2
     assert "resnet9000" in capsys.readouterr().err
+    assert cli.main(["bench", "--quick", "--layouts", "vmap,grouped"]) == 2
+    assert "layout 'grouped'" in capsys.readouterr().err

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import jax
@@ -6,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdjax import defenses, experiment, models
+from bdjax import defenses, experiment, records, report
 from bdjax.errors import BdjaxError
 
 FAST_FT = dict(epochs=4, batch_size=64)
@@ -71,21 +70,21 @@ def test_ft_selection_uses_validation_only(backdoored, small_data):
 
 def test_records_are_durable_and_resume(tmp_path):
     path = tmp_path / "r.jsonl"
-    experiment.append_rows(path, [{"trial": 0, "x": 1.0}, {"trial": 1, "x": float("nan"),
+    records.append_rows(path, [{"trial": 0, "x": 1.0}, {"trial": 1, "x": float("nan"),
                                                             "y": np.float32("nan"),
                                                             "z": np.array([1.0, np.inf])}])
     # Simulate a writer killed mid-line.
     with open(path, "ab") as f:
         f.write(b'{"trial": 2, "x"')
-    assert [r["trial"] for r in experiment.read_rows(path)] == [0, 1]
-    experiment.append_rows(path, [{"trial": 3}])
+    assert [r["trial"] for r in records.read_rows(path)] == [0, 1]
+    records.append_rows(path, [{"trial": 3}])
     lines = path.read_text().splitlines()
     assert [json.loads(l)["trial"] for l in lines] == [0, 1, 3]
     row = json.loads(lines[1])  # NaN/Inf (Python or numpy) are written as null: valid JSON
     assert row["x"] is None and row["y"] is None and row["z"] == [1.0, None]
     assert "NaN" not in lines[1] and "Infinity" not in lines[1]
     with pytest.raises(BdjaxError, match="missing directory"):
-        experiment.append_rows(tmp_path / "nope" / "r.jsonl", [{}])
+        records.append_rows(tmp_path / "nope" / "r.jsonl", [{}])
 
 
 def test_defend_checkpoint_rows_and_resume(backdoored, small_data, tmp_path):
@@ -99,7 +98,7 @@ def test_defend_checkpoint_rows_and_resume(backdoored, small_data, tmp_path):
     out = tmp_path / "rows.jsonl"
     rows = experiment.run_defense_on_checkpoint(ckpt, "ft", overrides=FAST_FT, spc=10,
                                                 trials=2, seed=0, out=out, log=lambda m: None)
-    assert len(rows) == 2 and len(experiment.read_rows(out)) == 2
+    assert len(rows) == 2 and len(records.read_rows(out)) == 2
     required = {"dataset", "model", "attack", "poison_ratio", "target", "defense", "spc",
                 "ratio", "trial", "seed", "acc_before", "asr_before", "ra_before", "acc",
                 "asr", "ra", "der", "arr", "rdr", "seconds_compile", "seconds_run", "device",
@@ -113,8 +112,8 @@ def test_defend_checkpoint_rows_and_resume(backdoored, small_data, tmp_path):
     more = experiment.run_defense_on_checkpoint(ckpt, "ft", overrides=FAST_FT, spc=10,
                                                 trials=3, seed=0, out=out, log=lambda m: None)
     assert [r["trial"] for r in more] == [2]
-    assert [r["trial"] for r in experiment.read_rows(out)] == [0, 1, 2]
-    table = experiment.table(experiment.read_rows(out))
+    assert [r["trial"] for r in records.read_rows(out)] == [0, 1, 2]
+    table = report.table(records.read_rows(out))
     assert "ft spc=10" in table and "| 3 " in table and "| ARR" in table and "| RDR" in table
     # Sequential trials each ran alone, and their rows say so.
     seq = experiment.run_defense_on_checkpoint(ckpt, "ft", overrides={**FAST_FT, "epochs": 3},
@@ -143,28 +142,3 @@ def test_only_defenses_that_select_hold_a_validation_split_out():
     assert uses == {"ft": False, "ft_sam": False, "fst": False, "lp": False,
                     "fe_tuning": False, "ft_init": False, "npd": False, "grad_prune": True}
     assert defenses.get("ft", select="val_acc").uses_validation
-
-
-def test_compiled_defense_cache_is_bounded(monkeypatch, small_data):
-    """The runner keeps at most _MAX_COMPILED executables, dropping the least recent."""
-    from bdjax.defenses import Defense
-
-    @dataclasses.dataclass(frozen=True)
-    class Scale:
-        factor: float
-
-    def defend(model, state, data, config, key):  # trivially cheap to compile
-        return jax.tree_util.tree_map(lambda a: a * config.factor, state), {}
-
-    monkeypatch.setattr(experiment, "_COMPILED", type(experiment._COMPILED)())
-    monkeypatch.setattr(experiment, "_MAX_COMPILED", 2)
-    model = models.get("small_cnn")
-    state = model.init(jax.random.key(0))
-    split = experiment.split_for_trials(small_data, (0,), 0, spc=2)
-    keys = jnp.stack([jax.random.key(0)])
-    runs = [experiment.run_defense(model, state, Defense("scale", defend, Scale(f)), split, keys)
-            for f in (1.0, 2.0, 1.0, 3.0)]
-    assert [r.seconds_compile > 0 for r in runs] == [True, True, False, True]
-    assert len(experiment._COMPILED) == 2
-    again = experiment.run_defense(model, state, Defense("scale", defend, Scale(2.0)), split, keys)
-    assert again.seconds_compile > 0  # 2.0 was the least recently used, so it was dropped

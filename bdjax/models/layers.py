@@ -13,16 +13,46 @@ both gradients as loop-friendly operations:
   window and the output gradient.
 
 On GPU/TPU the native gradient is used (cuDNN et al. are fast in loops).
+
+Which path a convolution takes is chosen when it is traced, by :func:`conv_rule`:
+``auto`` (the default: this path on CPU, the native op elsewhere), ``fold`` (this path
+on every backend: its vmap rule folds the trial axis into the batch or the output
+channels instead of emitting a grouped convolution) or ``native`` (the native op
+everywhere). The trial runner traces each program under the rule it is asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from bdjax.errors import check_choice
+
+CONV_RULES = ("auto", "native", "fold")
+_RULE = contextvars.ContextVar("bdjax_conv_rule", default="auto")
+
+
+@contextlib.contextmanager
+def conv_rule(rule: str):
+    """Convolutions traced inside this context use ``rule`` (module docstring)."""
+    check_choice("conv_rule", rule, CONV_RULES)
+    token = _RULE.set(rule)
+    try:
+        yield
+    finally:
+        _RULE.reset(token)
+
+
+def _fold() -> bool:
+    rule = _RULE.get()
+    return rule == "fold" or (rule == "auto" and jax.default_backend() == "cpu")
+
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _DN_NUMBERS = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -106,10 +136,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          precision=None, **kwargs):
     """Drop-in for ``lax.conv_general_dilated`` (flax ``nn.Conv(conv_general_dilated=)``).
 
-    Uses the loop-friendly VJP on CPU for plain NHWC/HWIO convolutions; anything else
-    (dilations, groups, other layouts, other backends) goes to the native op.
+    Uses the loop-friendly VJP and the trial-folding vmap rule for plain NHWC/HWIO
+    convolutions where :func:`conv_rule` says so (by default on CPU); anything else
+    (dilations, groups, other layouts) goes to the native op.
     """
-    plain = (jax.default_backend() == "cpu" and feature_group_count == 1 and not kwargs
+    plain = (_fold() and feature_group_count == 1 and not kwargs
              and lhs.ndim == 4 and dimension_numbers in (None, _DN, _DN_NUMBERS)
              and all(d == 1 for d in (lhs_dilation or (1,)))
              and all(d == 1 for d in (rhs_dilation or (1,))))
