@@ -12,7 +12,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[tfds,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[tfds,test,report,ray]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/bdjax demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
 # The benchmark harness on this machine (--quick: a few minutes on a CPU), with the
 # PyTorch side (torch, CPU build, from constraints.txt).

@@ -5,6 +5,8 @@
     bdjax defend --checkpoint DIR --defense ft --spc 10 --trials 5 --seed 0 --out results.jsonl
     bdjax info DIR
     bdjax table results.jsonl
+    bdjax sweep sweep_smoke --out runs/sweep [--plan] [--engine ray]
+    bdjax report runs/sweep/results.jsonl --out runs/sweep/report
     bdjax demo
 
 Bad input ends with one sentence on stderr and exit code 2.
@@ -76,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="JSONL file to append result rows to")
     d.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="defense setting override, e.g. epochs=20 (repeatable)")
-    d.add_argument("--strategy", default="vmap", help="vmap (default) or sequential")
+    d.add_argument("--strategy", default="vmap", help="vmap (default; over every local "
+                   "device), map (trials in sequence in one program) or sequential")
     d.add_argument("--config", help="a shipped config name (e.g. survey_cifar10) or a "
                    "Python file (default: the checkpoint's dataset's config)")
     d.add_argument("--smoke", action="store_true", help="tiny settings for a quick check")
@@ -86,6 +89,31 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("table", help="mean/std table of result rows (JSONL files)")
     t.add_argument("files", nargs="+", help="JSONL files written by `bdjax defend`")
+
+    w = sub.add_parser("sweep", help="run a benchmark grid (a config's sweep section): "
+                       "checkpoints trained once, resumable, every local device or Ray")
+    w.add_argument("config", help="a shipped config name (sweep_smoke, survey_cifar10) or a "
+                   "Python file whose get_config returns a 'sweep' section")
+    w.add_argument("--out", required=True, help="sweep directory (checkpoints/, "
+                   "results.jsonl)")
+    w.add_argument("--plan", action="store_true", help="print the cells, how many are "
+                   "done and the projected cost of the rest; run nothing")
+    w.add_argument("--engine", default="local", help="local (default) or ray")
+    w.add_argument("--address", help="Ray cluster address (--engine ray; default: start "
+                   "a local Ray instance)")
+    w.add_argument("--devices", type=int, help="local devices a cell's trials are spread "
+                   "over (default: all)")
+    w.add_argument("--bench", help="benchmark JSON for --plan's projection (default: the "
+                   "newest under benchmarks/results/ for this device)")
+    w.add_argument("--smoke", action="store_true", help="the config's tiny settings")
+    w.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    r = sub.add_parser("report", help="report.md with the survey's figures (box plots, "
+                       "ACC-vs-ASR), and row export, from result files")
+    r.add_argument("files", nargs="+", help="JSONL files written by bdjax defend/sweep")
+    r.add_argument("--out", required=True, help="directory for report.md and the figures")
+    r.add_argument("--format", action="append", choices=("csv", "parquet"),
+                   help="also export the rows (repeatable)")
 
     b = sub.add_parser("bench", help="time models, defense units and whole defenses; "
                        "bdjax vs PyTorch; JSON under benchmarks/results/")
@@ -98,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--defenses", help="defenses to time (default: all)")
     b.add_argument("--trials", help="trial counts of the scaling runs (default 1,2,4,8,16; "
                    "quick 1,2,5)")
+    b.add_argument("--layouts", help="trial layouts of the scaling runs, comma-separated: "
+                   "vmap (default), vmap-native, vmap-fold, map")
     b.add_argument("--dtypes", help="compute dtypes of the units, comma-separated: float32, "
                    "bfloat16 (default: float32 on CPU, both on accelerators)")
     b.add_argument("--repeats", type=int, help="timed runs per figure (default 5; quick 3)")
@@ -163,7 +193,7 @@ def _attack(args) -> None:
 
 
 def _defend(args) -> list[dict]:
-    from bdjax import checkpoint, config, experiment
+    from bdjax import checkpoint, config, experiment, report
 
     meta = checkpoint.load_metadata(args.checkpoint)
     cfg = config.load(args.config, dataset=meta["dataset"]["name"], smoke=args.smoke)
@@ -176,7 +206,7 @@ def _defend(args) -> list[dict]:
         args.checkpoint, args.defense, overrides=overrides, spc=args.spc, ratio=args.ratio,
         trials=args.trials, seed=args.seed, out=args.out, strategy=args.strategy, log=_log)
     if rows:
-        print(experiment.table(rows))
+        print(report.table(rows))
         print(f"{len(rows)} row(s) appended to {args.out} "
               f"(compile {rows[0]['seconds_compile']:.1f} s, "
               f"run {rows[0]['seconds_run_batch']:.1f} s for {len(rows)} trial(s))")
@@ -184,19 +214,47 @@ def _defend(args) -> list[dict]:
 
 
 def _table(args) -> None:
-    from bdjax import experiment
+    from bdjax import report
+
+    print(report.table(_rows_of(args.files)))
+
+
+def _rows_of(files: list[str]) -> list[dict]:
+    from bdjax import records
     from bdjax.errors import BdjaxError
 
     rows = []
-    for f in args.files:
+    for f in files:
         if not pathlib.Path(f).is_file():
             raise BdjaxError(f"results file {f!r} does not exist; accepted: a JSONL file "
-                             "written by `bdjax defend --out`.")
-        rows += experiment.read_rows(f)
+                             "written by `bdjax defend --out` or `bdjax sweep`.")
+        rows += records.read_rows(f)
     if not rows:
-        raise BdjaxError(f"no result rows in {' '.join(args.files)}; accepted: files with "
-                         "rows written by `bdjax defend --out`.")
-    print(experiment.table(rows))
+        raise BdjaxError(f"no result rows in {' '.join(files)}; accepted: files with "
+                         "rows written by `bdjax defend --out` or `bdjax sweep`.")
+    return rows
+
+
+def _sweep(args) -> None:
+    from bdjax import config, grid, projection, sweep
+
+    g = grid.expand(config.load(args.config, smoke=args.smoke))
+    if args.plan:
+        print(projection.plan(g, args.out, bench=args.bench))
+        return
+    counts = sweep.run(g, args.out, engine=args.engine, address=args.address,
+                       devices=args.devices, progress=not args.no_progress, log=_log)
+    print(f"sweep {args.config}: {counts['cells']} cells, {counts['skipped']} already done, "
+          f"{counts['ran']} run ({counts['rows']} rows) in {counts['seconds']:.0f} s -> "
+          f"{pathlib.Path(args.out) / sweep.RESULTS}")
+
+
+def _report(args) -> None:
+    from bdjax import report
+
+    written = report.write(_rows_of(args.files), args.out, formats=args.format or ())
+    for path in written:
+        print(path)
 
 
 def _demo(args) -> None:
@@ -238,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.main(args)
         elif args.command == "table":
             _table(args)
+        elif args.command == "sweep":
+            _sweep(args)
+        elif args.command == "report":
+            _report(args)
         elif args.command == "demo":
             _demo(args)
     except BdjaxError as e:

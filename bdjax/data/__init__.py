@@ -15,10 +15,24 @@ from bdjax.data.splits import DefenseData, defense_split, split_sizes, trial_sli
 from bdjax.errors import check_choice
 
 _NAMES = ("synthetic", "cifar10")
+# What a plan needs to know of a dataset without loading it (a test checks it against
+# the loaded datasets): training-set size, classes, horizontal flips in augmentation.
+_INFO = {"synthetic": {"n_train": 10_000, "num_classes": 10, "flip": False},
+         "cifar10": {"n_train": 50_000, "num_classes": 10, "flip": True}}
 
 
 def names() -> list[str]:
     return list(_NAMES)
+
+
+def info(name: str, *, n_train: int | None = None, **_) -> dict:
+    """``n_train``, ``num_classes`` and ``flip`` of dataset ``name`` loaded with the same
+    arguments as :func:`load`, without loading it."""
+    check_choice("dataset", name, _NAMES)
+    out = dict(_INFO[name])
+    if name == "synthetic" and n_train is not None:
+        out["n_train"] = n_train
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,5 +59,5 @@ def load(name: str = "synthetic", *, seed: int = 0, data_dir: str | None = None,
     return load_cifar10(data_dir=data_dir, archive=archive)
 
 
-__all__ = ["Dataset", "DefenseData", "load", "names", "defense_split", "split_sizes",
+__all__ = ["Dataset", "DefenseData", "info", "load", "names", "defense_split", "split_sizes",
            "trial_slice", "validate_images", "validate_labels"]
