@@ -97,7 +97,7 @@ def box_figure(rows: list[dict], setting: str):
         for j, attack in enumerate(columns):
             ax = axes[i][j]
             mine = rows if attack == "all attacks" else [r for r in rows
-                                                         if r.get("attack") == attack]
+                                                         if r.get("attack", "?") == attack]
             data = [_values([r for r in mine if r["defense"] == d], key) for d in defenses]
             ax.boxplot([d if d.size else [np.nan] for d in data], tick_labels=defenses,
                        patch_artist=True, widths=0.6,

@@ -85,6 +85,10 @@ def train_attack_cell(out, acell: AttackCell, log=print) -> str:
     path = checkpoint_dir(out, acell)
     if is_trained(out, acell):
         return str(path)
+    if path.exists() and any(path.iterdir()):
+        raise BdjaxError(f"{path} exists but is not a complete bdjax checkpoint; refusing "
+                         "to reuse or replace it; accepted: remove it, and the sweep "
+                         "trains that model again.")
     experiment.run_attack(
         dataset=acell.dataset, model=acell.model, attack=acell.attack,
         ratio=acell.poison_ratio, target=acell.target, seed=acell.seed, out=path,

@@ -207,6 +207,21 @@ def test_plan_counts_cells_and_projects_the_rest(smoke, tmp_path):
     assert "| preact_resnet18 | npd | 270 |" in text
 
 
+def test_a_checkpoint_that_is_not_complete_is_never_reused(tmp_path):
+    g = _grid()
+    acell = g.attack_cells[0]
+    # What a save killed midway leaves: a hidden temporary directory, not the name.
+    hidden = tmp_path / "checkpoints" / f".{acell.name}.tmp-123-abcd"
+    hidden.mkdir(parents=True)
+    assert not sweep.is_trained(tmp_path, acell)
+    junk = sweep.checkpoint_dir(tmp_path, acell)
+    junk.mkdir()
+    (junk / "state").write_text("half")
+    assert not sweep.is_trained(tmp_path, acell)
+    with pytest.raises(BdjaxError, match="not a complete bdjax checkpoint"):
+        sweep.train_attack_cell(tmp_path, acell)
+
+
 def test_sweep_cli_bad_input_is_one_sentence(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config(smoke=False):\n    return {'sweep': {'defenses': ['ft'], "
