@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/bdjax demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The benchmark harness on this machine (--quick: a few minutes on a CPU), with the
 # PyTorch side (torch, CPU build, from constraints.txt).

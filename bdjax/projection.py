@@ -1,8 +1,9 @@
 """``bdjax sweep --plan``: the grid's cells, what is done, and what the rest will cost.
 
-The cost is projected from a ``bdjax bench`` JSON (``benchmarks/results/``): the newest
-one measured on this device, plus the newest GPU one when this device is not a GPU (the
-project's performance claim is the survey grid on a GPU). Per defense cell:
+The cost is projected from ``bdjax bench`` JSONs (``benchmarks/results/``): those
+measured on this device, each figure from the newest file that has it, and the same
+for the newest GPU when this device is not a GPU (the project's performance claim is the
+survey grid on a GPU). Per defense cell:
 
     seconds = per-trial seconds of (model, defense) in the bench
               x images trained on (cell / bench) x epochs (cell / bench, where both
@@ -41,33 +42,46 @@ def _benches(folder=RESULTS) -> list[tuple[str, str, pathlib.Path]]:
     return sorted(out)
 
 
-def newest(device: str, folder=RESULTS) -> pathlib.Path | None:
-    hits = [p for _, d, p in _benches(folder) if d == device]
-    return hits[-1] if hits else None
+def for_device(device: str, folder=RESULTS) -> list[pathlib.Path]:
+    """The bench JSONs measured on ``device``, newest first."""
+    return [p for _, d, p in reversed(_benches(folder)) if d == device]
 
 
-def newest_gpu(folder=RESULTS) -> pathlib.Path | None:
-    hits = [p for _, d, p in _benches(folder) if not d.startswith("cpu")]
-    return hits[-1] if hits else None
+def for_gpus(folder=RESULTS) -> list[pathlib.Path]:
+    """The bench JSONs of the newest GPU among them, newest first."""
+    gpus = [d for _, d, _ in reversed(_benches(folder)) if not d.startswith("cpu")]
+    return for_device(gpus[0], folder) if gpus else []
 
 
 class Costs:
-    """Seconds of grid cells from one bench JSON."""
+    """Seconds of grid cells from bench JSONs: the first file's figures, then each
+    later file's for what the earlier ones lack (pass the newest first)."""
 
-    def __init__(self, path):
-        self.path = pathlib.Path(path)
-        doc = json.loads(self.path.read_text())
-        self.device = doc["machine"]["device"]
-        self.n_bench = doc["profile"]["n_train"]
-        self.ips = {m: u.get("float32", {}).get("train_step", {}).get("images_per_second")
-                    for m, u in doc.get("units", {}).items()}
-        self.single = {(r["model"], r["defense"]): r for r in doc.get("defenses", [])}
+    def __init__(self, paths):
+        paths = [pathlib.Path(p) for p in (paths if isinstance(paths, (list, tuple))
+                                           else [paths])]
+        self.path = paths[0]
+        self.names = [p.name for p in paths]
+        self.device = None
+        self.ips, self.single = {}, {}
         self.scaling: dict[tuple, dict[int, float]] = {}
-        for r in doc.get("scaling", []):
-            if r.get("layout", "vmap") != "vmap":  # the runner's default layout
-                continue
-            self.scaling.setdefault((r["model"], r["defense"]), {})[r["trials"]] = \
-                r["seconds"]["median"]
+        for path in paths:
+            doc = json.loads(path.read_text())
+            self.device = self.device or doc["machine"]["device"]
+            for m, u in doc.get("units", {}).items():
+                ips = u.get("float32", {}).get("train_step", {}).get("images_per_second")
+                self.ips.setdefault(m, ips)
+            for r in doc.get("defenses", []):
+                self.single.setdefault((r["model"], r["defense"]),
+                                       {**r, "n_train": doc["profile"]["n_train"]})
+            scaling: dict[tuple, dict[int, float]] = {}
+            for r in doc.get("scaling", []):
+                if r.get("layout", "vmap") != "vmap":  # the runner's default layout
+                    continue
+                scaling.setdefault((r["model"], r["defense"]), {})[r["trials"]] = \
+                    r["seconds"]["median"]
+            for k, v in scaling.items():
+                self.scaling.setdefault(k, v)
 
     def _per_trial_fraction(self, model: str, defense: str, trials: int) -> float:
         """time(T) / (T time(1)) from the scaling runs (1 where there are none)."""
@@ -99,7 +113,7 @@ class Costs:
         info = data.info(cell.attack.dataset, **json.loads(cell.attack.dataset_args))
         n_cell = (cell.spc * info["num_classes"] if cell.spc is not None
                   else cell.ratio * info["n_train"])
-        seconds *= n_cell / self.n_bench
+        seconds *= n_cell / r["n_train"]
         settings = cell.resolved().settings
         if "epochs" in settings and r["settings"].get("epochs"):
             seconds *= settings["epochs"] / r["settings"]["epochs"]
@@ -114,11 +128,13 @@ class Costs:
 
 
 def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:,.1f} h" if seconds >= 360 else f"{seconds:,.0f} s"
+    if seconds < 360:
+        return f"{seconds:,.0f} s"
+    return f"{seconds / 60:,.0f} min" if seconds < 7200 else f"{seconds / 3600:,.1f} h"
 
 
-def projection(grid: Grid, out, path) -> list[str]:
-    costs = Costs(path)
+def projection(grid: Grid, out, paths) -> list[str]:
+    costs = Costs(paths)
     todo = pending(grid, out)
     per: dict[tuple[str, str], list] = {}
     unknown = set()
@@ -135,7 +151,7 @@ def projection(grid: Grid, out, path) -> list[str]:
     train = [costs.attack_seconds(a) for a in needed if not is_trained(out, a)]
     train_s = sum(s for s in train if s is not None)
     defense_s = sum(v[0] for v in per.values())
-    lines = [f"projected on {costs.device} (from {costs.path.name}): "
+    lines = [f"projected on {costs.device} (from {', '.join(costs.names)}): "
              f"{_hours(train_s + defense_s)} of device time = attack training "
              f"{_hours(train_s)} ({len(train)} models) + defenses {_hours(defense_s)}"]
     lines.append("  | model | defense | trials | projected | seconds/trial | from |")
@@ -172,18 +188,18 @@ def plan(grid: Grid, out, *, bench: str | None = None) -> str:
             lines.append(f"not yet available in bdjax ({kind}, skipped): "
                          + ", ".join(grid.unavailable[kind]))
     here = records.device_name()
-    paths = [pathlib.Path(bench)] if bench else [newest(here)]
+    sets = [[pathlib.Path(bench)]] if bench else [for_device(here)]
     if not bench and not here.startswith(("gpu", "cuda", "tpu")):
-        paths.append(newest_gpu())
-    if not bench and paths[0] is None:
+        sets.append(for_gpus())
+    if not bench and not sets[0]:
         lines.append(f"no benchmark JSON for this device ({here}) under {RESULTS}: run "
                      "`bdjax bench` for a projection")
-    if not bench and len(paths) > 1 and paths[1] is None:
+    if not bench and len(sets) > 1 and not sets[1]:
         lines.append("no GPU benchmark JSON yet: no GPU projection")
-    for path in [p for p in paths if p is not None]:
+    for paths in [p for p in sets if p]:
         if todo:
-            lines += projection(grid, out, path)
+            lines += projection(grid, out, paths)
     return "\n".join(lines)
 
 
-__all__ = ["Costs", "newest", "newest_gpu", "plan"]
+__all__ = ["Costs", "for_device", "for_gpus", "plan"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import jax
 import pytest
 
-from bdjax import attacks, data, models
+from bdjax import attacks, checkpoint, data, models
 from bdjax.train import TrainConfig, train
 
 
@@ -15,8 +18,48 @@ def small_data():
     return data.load("synthetic", seed=0, n_train=8000, n_test=1000)
 
 
+# `make test` sends whole files to its two workers (--dist loadfile) in collection order.
+# The longest files go first, so no worker is left with a long file at the end; the first
+# two do not both need the `backdoored` fixture, so one worker trains it while the other
+# runs the sweep tests.
+_FIRST = ("test_npd.py", "test_sweep.py", "test_ft_sam.py", "test_experiment.py",
+          "test_grad_prune.py", "test_fst.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))  # stable
+
+
+def _once_per_run(tmp_path_factory, worker_id, name: str, make):
+    """``make()``'s (model, state) trained by one pytest worker and restored by the
+    others from a checkpoint (atomic), instead of every worker training it again."""
+    if worker_id == "master":
+        return make()
+    root = tmp_path_factory.getbasetemp().parent
+    ckpt, lock = root / name, root / f"{name}.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        deadline = time.time() + 900
+        while not (ckpt / checkpoint.METADATA_FILE).is_file():
+            if (root / f"{name}.failed").exists() or time.time() > deadline:
+                return make()  # the trainer failed: train here
+            time.sleep(0.5)
+        model, state, _ = checkpoint.restore(ckpt)
+        return model, state
+    os.close(fd)
+    try:
+        model, state = make()
+        checkpoint.save(ckpt, model, state, {"fixture": name})
+    except BaseException:
+        (root / f"{name}.failed").touch()
+        raise
+    return model, state
+
+
 @pytest.fixture(scope="session")
-def backdoored(small_data):
+def backdoored(small_data, tmp_path_factory, worker_id):
     """(model, state, attack, test set) of a small CNN backdoored with BadNets 10%.
 
     Trained with random-crop augmentation at batch 32 for 8 epochs (~45 s on 2 cores):
@@ -28,9 +71,15 @@ def backdoored(small_data):
     images, so its targeted PGD does not find the trigger.
     """
     ds = small_data
-    model = models.for_dataset("small_cnn", ds)
     atk = attacks.get("badnets", target=0)
-    p = attacks.poison(atk, ds.x_train, ds.y_train, ds.num_classes, 0.1, jax.random.key(1))
-    state, _ = train(model, p.x, p.y, TrainConfig(epochs=8, lr=0.05, batch_size=32),
-                     jax.random.key(2), flip=False, progress=False)
+
+    def make():
+        model = models.for_dataset("small_cnn", ds)
+        p = attacks.poison(atk, ds.x_train, ds.y_train, ds.num_classes, 0.1,
+                           jax.random.key(1))
+        state, _ = train(model, p.x, p.y, TrainConfig(epochs=8, lr=0.05, batch_size=32),
+                         jax.random.key(2), flip=False, progress=False)
+        return model, state
+
+    model, state = _once_per_run(tmp_path_factory, worker_id, "backdoored", make)
     return model, state, atk, attacks.test_set(atk, ds.x_test, ds.y_test, ds.num_classes)

@@ -115,11 +115,6 @@ def test_defend_checkpoint_rows_and_resume(backdoored, small_data, tmp_path):
     assert [r["trial"] for r in records.read_rows(out)] == [0, 1, 2]
     table = report.table(records.read_rows(out))
     assert "ft spc=10" in table and "| 3 " in table and "| ARR" in table and "| RDR" in table
-    # Sequential trials each ran alone, and their rows say so.
-    seq = experiment.run_defense_on_checkpoint(ckpt, "ft", overrides={**FAST_FT, "epochs": 3},
-                                               spc=10, trials=1, seed=0, out=out,
-                                               strategy="sequential", log=lambda m: None)
-    assert seq[0]["trials_batched"] == 1
 
 
 def test_defense_registry_overrides_and_errors():
