@@ -156,8 +156,7 @@ def _group(todo: Iterable[Todo]) -> dict[AttackCell, list[Todo]]:
     return groups
 
 
-def run_local(out, todo: list[Todo], progress: Progress, devices: int | None = None,
-              log=print) -> int:
+def run_local(out, todo: list[Todo], progress: Progress, devices: int | None = None) -> int:
     """Runs ``todo`` in this process, attack cell by attack cell; returns rows written."""
     written = 0
     for acell, cells in _group(todo).items():
@@ -167,15 +166,14 @@ def run_local(out, todo: list[Todo], progress: Progress, devices: int | None = N
         bd = experiment.Backdoored.restore(checkpoint_dir(out, acell))
         for t in cells:
             t0 = time.perf_counter()
-            rows = defend_cell(out, t, bd=bd, devices=devices, log=lambda _: None)
+            rows = defend_cell(out, t, bd=bd, devices=devices, log=_quiet)
             records.append_rows(results_path(out), rows)
             written += len(rows)
             progress.cell_done(t, rows, time.perf_counter() - t0)
     return written
 
 
-def run_ray(out, todo: list[Todo], progress: Progress, address: str | None = None,
-            log=print) -> int:
+def run_ray(out, todo: list[Todo], progress: Progress, address: str | None = None) -> int:
     """Runs ``todo`` as Ray tasks: first the missing checkpoints, then the defense cells;
     rows come back to this driver, which alone appends them."""
     try:
@@ -228,9 +226,9 @@ def run(grid: Grid, out, *, engine: str = "local", address: str | None = None,
     t0 = time.perf_counter()
     try:
         if engine == "local":
-            written = run_local(out, todo, bar, devices=devices, log=log)
+            written = run_local(out, todo, bar, devices=devices)
         else:
-            written = run_ray(out, todo, bar, address=address, log=log)
+            written = run_ray(out, todo, bar, address=address)
     finally:
         bar.close()
     return {"cells": len(grid.cells), "skipped": done_cells, "ran": len(todo),
