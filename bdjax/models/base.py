@@ -7,6 +7,7 @@ uint8; normalisation happens inside, so attacks and PGD can work in pixel space.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -66,18 +67,19 @@ class Model:
         With ``train=True`` BN uses batch statistics and the call returns
         ``(logits, new_batch_stats)``; dropout then needs ``key``.
         Extra keyword arguments go to ``module.apply`` (e.g. ``capture_intermediates``).
-        A ``state["polariser"]`` (NPD) is applied at ``spec.polariser_at``.
+        A defended state's extras are honoured: ``state["polariser"]`` (NPD) at
+        ``spec.polariser_at``, ``state["bounds"]`` (MM-BD) on the BatchNorm outputs.
         """
+        extra = [k for k in state if k not in ("params", "batch_stats")]
+        if extra:  # a defended state: apply its extras through interceptors
+            with contextlib.ExitStack() as stack:
+                for name in extra:
+                    stack.enter_context(nn.intercept_methods(self._extra(name, state[name])))
+                return self.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                                  x, train=train, key=key, **kwargs)
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         rngs = {"dropout": key} if key is not None else {}
         xn = self.normalize(x)
-        if "polariser" in state:  # an NPD-defended state: polarise the named layer's input
-            from bdjax.models.polariser import polariser_interceptor
-
-            with nn.intercept_methods(polariser_interceptor(self.spec.polariser_at,
-                                                            state["polariser"])):
-                return self.apply({k: v for k, v in state.items() if k != "polariser"}, x,
-                                  train=train, key=key, **kwargs)
         if train:
             logits, updates = self.module.apply(
                 variables, xn, train=True, rngs=rngs, mutable=["batch_stats"], **kwargs)
@@ -86,6 +88,21 @@ class Model:
         if isinstance(out, tuple):
             return (out[0].astype(jnp.float32),) + tuple(out[1:])
         return out.astype(jnp.float32)
+
+    def _extra(self, name: str, value):
+        """The interceptor that applies the state extra ``name``."""
+        if name == "polariser":
+            from bdjax.models.polariser import polariser_interceptor
+
+            return polariser_interceptor(self.spec.polariser_at, value)
+        if name == "bounds":
+            from bdjax.models.bounds import bounds_interceptor
+
+            return bounds_interceptor(value)
+        from bdjax.errors import BdjaxError
+
+        raise BdjaxError(f"state entry {name!r} is not a known extra; accepted: params, "
+                         "batch_stats, polariser (NPD), bounds (MM-BD).")
 
 
 @functools.partial(jax.jit, static_argnums=0)
