@@ -6,10 +6,16 @@ setting: a second vmapped run on other trials' data (same shapes) traces and com
 nothing (a trace counter, as ``chex.assert_max_traces`` but per call of this check, since
 variants such as lp/fe_tuning share one ``defend``: one trace for the vmapped program,
 one for the one-trial program of the separate runs).
+
+With ``attack`` (the checkpoint's attack) the second run goes through
+``experiment.defend`` twice, with the real test set and with one of NaN images, and the
+defended states must be equal (:func:`assert_ignores_test_set`): the check that no
+defense reads the test set, at no extra compile.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import jax
@@ -29,7 +35,7 @@ def _split(dataset, trials, spc, trigger, validation):
 
 
 def assert_vmap_matches_sequential(model, state, defense, dataset, test, *, spc=10,
-                                   trials=(0, 1, 2), trigger=None, atol=1e-5):
+                                   trials=(0, 1, 2), trigger=None, atol=1e-5, attack=None):
     traces = []
 
     def counted(*args, **kwargs):
@@ -41,8 +47,12 @@ def assert_vmap_matches_sequential(model, state, defense, dataset, test, *, spc=
     together = experiment.run_defense(model, state, traced,
                                       _split(dataset, trials, spc, trigger, val), _keys(trials))
     others = tuple(t + len(trials) for t in trials)
-    again = experiment.run_defense(model, state, traced, _split(dataset, others, spc, trigger, val),
-                                   _keys(others))
+    if attack is None:
+        again = experiment.run_defense(model, state, traced,
+                                       _split(dataset, others, spc, trigger, val), _keys(others))
+    else:  # the same program through `bdjax defend`'s path, with the real and a NaN test set
+        again = assert_ignores_test_set(model, state, attack, traced, dataset, test, spc=spc,
+                                        trials=others)
     assert together.seconds_compile > 0 and again.seconds_compile == 0
     assert len(traces) == 1, f"{len(traces)} traces for one vmapped setting"
     leaves = jax.tree_util.tree_leaves(again.states)
@@ -84,3 +94,54 @@ def assert_halves_asr(model, state, defense, dataset, test, *, spc=100, trials=(
     assert after["asr"].mean() <= before["asr"] / 2, (defense.settings, before, after)
     assert before["acc"] - after["acc"].mean() < max_acc_drop, (defense.settings, before, after)
     return run, after
+
+
+
+def _nan_test_set(dataset):
+    """``dataset`` with every test image NaN (float32) and every test label -1, and the
+    matching test set."""
+    from bdjax.attacks import TestSet
+
+    nan_x = np.full(dataset.x_test.shape, np.nan, np.float32)
+    nan_y = np.full(dataset.y_test.shape, -1, np.int32)
+    nan_ds = copy.copy(dataset)  # past Dataset's uint8 check: a NaN set is not valid data
+    object.__setattr__(nan_ds, "x_test", nan_x)
+    object.__setattr__(nan_ds, "y_test", nan_y)
+    return (nan_ds,
+            TestSet(x_clean=nan_x, y=nan_y, x_poisoned=nan_x, y_target=nan_y,
+                    valid=np.ones(nan_y.shape, bool)))
+
+
+def defend_runs(model, state, attack, defense, dataset, test, *, spc, trials):
+    """The runs ``experiment.defend`` (what ``bdjax defend`` runs) makes for a checkpoint
+    of ``dataset`` with test set ``test``, caught at the runner."""
+    caught = []
+    real_run = experiment.run_defense
+
+    def catching(*args, **kwargs):
+        caught.append(real_run(*args, **kwargs))
+        return caught[-1]
+
+    bd = experiment.Backdoored("fixture", model, state, {"poison_ratio": 0.1}, dataset,
+                               attack, test)
+    experiment.run_defense = catching
+    try:
+        experiment.defend(bd, defense, spc=spc, trials=trials, seed=0, log=lambda m: None)
+    finally:
+        experiment.run_defense = real_run
+    return caught
+
+
+def assert_ignores_test_set(model, state, attack, defense, dataset, test, *, spc, trials):
+    """No defense reads the test set: ``experiment.defend`` on a checkpoint whose test
+    images are all NaN (float32, labels -1) returns exactly the defended states it
+    returns with the real test set. Returns the run with the real test set."""
+    nan_ds, nan_test = _nan_test_set(dataset)
+    (real,) = defend_runs(model, state, attack, defense, dataset, test, spc=spc, trials=trials)
+    (nan,) = defend_runs(model, state, attack, defense, nan_ds, nan_test, spc=spc,
+                         trials=trials)
+    a, b = (jax.tree_util.tree_map(np.asarray, r.states) for r in (real, nan))
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    return real

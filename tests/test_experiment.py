@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import jax
@@ -137,3 +138,25 @@ def test_only_defenses_that_select_hold_a_validation_split_out():
     assert uses == {"ft": False, "ft_sam": False, "fst": False, "lp": False,
                     "fe_tuning": False, "ft_init": False, "npd": False, "grad_prune": True}
     assert defenses.get("ft", select="val_acc").uses_validation
+
+
+def test_the_nan_test_set_check_catches_a_defense_that_reads_the_test_set(
+        backdoored, small_data, monkeypatch):
+    """The check of tests/defense_checks.py can fail: a split that (wrongly) mixed test
+    images into the defender's data changes the defended state once they are NaN."""
+    from tests.defense_checks import assert_ignores_test_set
+
+    model, state, attack, test = backdoored
+    ft = defenses.get("ft", epochs=1, batch_size=50)
+    assert_ignores_test_set(model, state, attack, ft, small_data, test, spc=5, trials=(0,))
+    honest = experiment.split_for_trials
+
+    def leaky(dataset, *args, **kwargs):
+        split = honest(dataset, *args, **kwargs)
+        x = np.array(split.x_train)
+        x[:, 0] = np.nan_to_num(np.asarray(dataset.x_test[0]), nan=255).astype(np.uint8)
+        return dataclasses.replace(split, x_train=x)
+
+    monkeypatch.setattr(experiment, "split_for_trials", leaky)
+    with pytest.raises(AssertionError):
+        assert_ignores_test_set(model, state, attack, ft, small_data, test, spc=5, trials=(0,))

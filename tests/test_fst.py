@@ -83,5 +83,6 @@ def test_fst_halves_asr_and_keeps_accuracy(backdoored, small_data):
 # re-drawn head frozen); lp and ft_init differ from them only in which parameters move.
 @pytest.mark.parametrize("name", ["fst", "fe_tuning"])
 def test_vmapped_trials_equal_separate_runs_and_compile_once(backdoored, small_data, name):
-    model, state, _, test = backdoored
-    assert_vmap_matches_sequential(model, state, defenses.get(name, **CHEAP), small_data, test)
+    model, state, attack, test = backdoored
+    assert_vmap_matches_sequential(model, state, defenses.get(name, **CHEAP), small_data, test,
+                                   attack=attack)

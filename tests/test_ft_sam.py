@@ -183,5 +183,6 @@ def test_ft_sam_removes_backdoor(backdoored, small_data):
 
 
 def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
-    model, state, _, test = backdoored
-    assert_vmap_matches_sequential(model, state, _defense(**FAST), small_data, test, spc=10)
+    model, state, attack, test = backdoored
+    assert_vmap_matches_sequential(model, state, _defense(**FAST), small_data, test, spc=10,
+                                   attack=attack)

@@ -133,7 +133,8 @@ def _defense(**kw):
 def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
     model, state, attack, test = backdoored
     run, _ = assert_vmap_matches_sequential(model, state, _defense(**FAST), small_data, test,
-                                            spc=2, trials=(0, 1), trigger=attack)
+                                            spc=2, trials=(0, 1), trigger=attack,
+                                            attack=attack)
     r = jax.tree_util.tree_map(np.asarray, run.reports)
     assert r["val_acc"].shape == (2, FAST["max_rounds"])
     for t in range(2):

@@ -285,10 +285,10 @@ QUICK = npd.NPDConfig(epochs=1, warmup_epochs=1, batch_size=64, lr=1e-3)
 
 def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
     """The shared check scores through model.apply, which honours state["polariser"]."""
-    model, state, _, test = backdoored
+    model, state, attack, test = backdoored
     d = Defense(name="npd", defend=npd.defend, config=QUICK)
     together, _ = assert_vmap_matches_sequential(model, state, d, small_data, test,
-                                                 trials=(0, 1))
+                                                 trials=(0, 1), attack=attack)
     # The polariser moved away from the identity in every trial.
     k = np.asarray(together.states["polariser"]["params"]["conv"]["kernel"])[:, 0, 0]
     assert (np.abs(k - np.eye(k.shape[-1])).max(axis=(1, 2)) > 1e-4).all()
