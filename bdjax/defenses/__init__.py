@@ -67,6 +67,14 @@ _REGISTRY: dict[str, tuple[str, str, str, bool, dict]] = {
     "npd": ("npd", "defend", "NPDConfig", False, {}),
     "grad_prune": ("grad_prune", "defend", "GradPruneConfig", True, {}),
     "ft_sam": ("ft_sam", "defend", "FTSAMConfig", False, {}),
+    # The survey's pruning and masking defenses (issue 10).
+    "fp": ("fp", "defend", "FPConfig", False, {}),
+    "anp": ("anp", "defend", "ANPConfig", False, {}),
+    "rnp": ("rnp", "defend", "RNPConfig", False, {}),
+    "awm": ("awm", "defend", "AWMConfig", False, {}),
+    "mmbd": ("mmbd", "defend", "MMBDConfig", False, {}),
+    "bnp": ("bnp", "defend", "BNPConfig", False, {}),
+    "clp": ("clp", "defend", "CLPConfig", False, {}),
 }
 
 

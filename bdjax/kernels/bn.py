@@ -48,7 +48,7 @@ def _is_conv(module) -> bool:
     return isinstance(module, nn.Conv)
 
 
-def _name(module) -> str:
+def module_name(module) -> str:
     return "/".join(module.path)
 
 
@@ -68,9 +68,9 @@ def bn_layers(model: Model) -> tuple[BNLayer, ...]:
     def spy(next_fun, args, kwargs, context):
         if context.method_name == "__call__":
             if _is_conv(context.module):
-                seen.append(("conv", _name(context.module), 0))
+                seen.append(("conv", module_name(context.module), 0))
             elif _is_bn(context.module):
-                seen.append(("bn", _name(context.module), int(args[0].shape[-1])))
+                seen.append(("bn", module_name(context.module), int(args[0].shape[-1])))
         return next_fun(*args, **kwargs)
 
     def run(state, x):
@@ -143,7 +143,7 @@ def _capture(model: Model, state: State, x, what):
     def spy(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__" and _is_bn(context.module):
-            sink[_name(context.module)] = what(args[0], out)
+            sink[module_name(context.module)] = what(args[0], out)
         return out
 
     with nn.intercept_methods(spy):
@@ -151,7 +151,7 @@ def _capture(model: Model, state: State, x, what):
     return sink
 
 
-def _batched(x, batch_size: int):
+def batched(x, batch_size: int):
     """``x`` as ``[steps, batch, ...]`` plus a 0/1 weight per slot (the last batch is
     filled with repeats of the first images, weighted 0)."""
     n = x.shape[0]
@@ -168,7 +168,7 @@ def bn_input_stats(model: Model, state: State, x, batch_size: int = 500):
     Returns:
       ``({bn path: [C] mean}, {bn path: [C] var})`` of the eval-mode model.
     """
-    xb, wb = _batched(x, batch_size)
+    xb, wb = batched(x, batch_size)
 
     def moments(inp, _):
         v = inp.astype(jnp.float32)
@@ -192,7 +192,7 @@ def bn_input_stats(model: Model, state: State, x, batch_size: int = 500):
 def bn_output_max(model: Model, state: State, x, batch_size: int = 500) -> dict[str, jax.Array]:
     """The largest value each BN layer outputs over all of ``x`` (one scalar per layer),
     eval mode."""
-    xb, wb = _batched(x, batch_size)
+    xb, wb = batched(x, batch_size)
 
     def body(best, batch):
         xs, w = batch
