@@ -112,7 +112,10 @@ _SHORT = {"ft": dict(epochs=1), "fst": dict(epochs=1), "lp": dict(epochs=1),
           "fe_tuning": dict(epochs=1), "ft_init": dict(epochs=1),
           "ft_sam": dict(epochs=1), "npd": dict(epochs=1, warmup_epochs=1),
           "grad_prune": dict(max_rounds=2, prune_patience=2, alpha=1.0, epochs=1,
-                             ft_patience=1)}
+                             ft_patience=1),
+          "fp": dict(epochs=1), "anp": dict(iterations=10),
+          "rnp": dict(unlearn_epochs=1, recovery_epochs=1), "awm": dict(epochs=1),
+          "mmbd": dict(epochs=1)}
 
 FULL = Profile(models=("small_cnn", "preact_resnet18", "vgg19_bn"),
                defense_models=("small_cnn", "preact_resnet18", "vgg19_bn"), n_train=2500,
