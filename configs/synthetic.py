@@ -33,6 +33,12 @@ badnets-2, blended-2), on a 2-core CPU:
 - npd: the reference settings (50 epochs, constant lr 0.01, lambdas 0.4) meet the bar:
   -5.9/-8.2/-5.4/-8.6, ASR .14/.28/.016/.22 (~105 s per trial at SPC 100). Shorter runs
   lose more accuracy: 10 epochs -9..-19, 30 epochs with a cosine -10.3 on blended-2.
+- anp: 200 mask iterations [reference: 2,000]. The iterations draw batches of 256 with
+  replacement whatever the SPC, so the reference's 2,000 cost ~8 minutes per trial on
+  2 cores (~40 minutes a grid cell); 200 meet the bar: -9.1/-6.7/-8.3/-7.7, ASR
+  .13/.04/.25/.01 (~50 s per trial).
+- fp, bnp, clp, rnp, awm, mmbd: the reference settings (their grid rows show where
+  they fail on the small CNN, as the survey's heavy tails do).
 - synthetic images are 32x32 like CIFAR but the dataset has no flips (REFERENCE: flips
   are a CIFAR convention); the runner sets flip=False from the dataset.
 
@@ -61,5 +67,6 @@ def get_config(smoke: bool = False) -> dict:
             "fst": {"alpha": 0.02, "epochs": 30},
             "ft_sam": {"epochs": 20, "batch_size": 128, "lr": 0.02, "rho": 3.0},
             "grad_prune": {"epochs": 30, "score_batch_stats": False},
+            "anp": {"iterations": 200},
         },
     }
