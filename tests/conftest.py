@@ -22,8 +22,9 @@ def small_data():
 # The longest files go first, so no worker is left with a long file at the end; the first
 # two do not both need the `backdoored` fixture, so one worker trains it while the other
 # runs the sweep tests.
-_FIRST = ("test_npd.py", "test_sweep.py", "test_ft_sam.py", "test_experiment.py",
-          "test_grad_prune.py", "test_fst.py", "test_cli.py")
+_FIRST = ("test_npd.py", "test_sweep.py", "test_awm_mmbd.py", "test_anp_rnp.py",
+          "test_ft_sam.py", "test_experiment.py", "test_grad_prune.py", "test_fst.py",
+          "test_fp.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -69,6 +69,22 @@ def assert_vmap_matches_sequential(model, state, defense, dataset, test, *, spc=
     return together, scores
 
 
+def small_cnn_defense(name, **over):
+    """The defense with ``over`` on the reference settings, for the small CNN on the
+    synthetic data (no flips)."""
+    from bdjax import defenses
+
+    return defenses.for_run(name, over, dataset="synthetic", model="small_cnn", flip=False)
+
+
+def run_trials(model, state, defense, dataset, trials=(0, 1), spc=100):
+    """``defense`` vmapped over ``trials`` (trial t's key: ``key(t)``) at ``spc``."""
+    split = experiment.split_for_trials(dataset, trials, 0, spc=spc,
+                                        validation=defense.uses_validation)
+    return experiment.run_defense(model, state, defense, split,
+                                  jnp.stack([jax.random.key(t) for t in trials]))
+
+
 def shipped(name, **extra):
     """The defense as `bdjax defend` runs it on the synthetic data with the shipped
     config (configs/synthetic.py), plus ``extra`` settings."""

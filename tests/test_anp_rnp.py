@@ -8,22 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdjax import defenses, experiment
+from bdjax import experiment
 from bdjax.defenses import anp, rnp
 from bdjax.errors import BdjaxError
 from bdjax.kernels import bn
-from tests.defense_checks import assert_vmap_matches_sequential
-
-
-def _dfn(name, **over):
-    return defenses.for_run(name, over, dataset="synthetic", model="small_cnn", flip=False)
-
-
-def _run(model, state, dfn, dataset, trials=(0, 1), spc=100):
-    split = experiment.split_for_trials(dataset, trials, 0, spc=spc,
-                                        validation=dfn.uses_validation)
-    return experiment.run_defense(model, state, dfn, split,
-                                  jnp.stack([jax.random.key(t) for t in trials]))
+from tests.defense_checks import (assert_vmap_matches_sequential, run_trials,
+                                   small_cnn_defense)
 
 
 def _zero_gammas(model, params):
@@ -35,12 +25,12 @@ def test_thresholds_and_settings():
     np.testing.assert_allclose(anp.ANPConfig().thresholds, np.arange(19) * 0.05, atol=1e-6)
     t = rnp.RNPConfig().thresholds
     assert t.shape == (50,) and t[0] == 0 and abs(t[-1] - 0.98) < 1e-6
-    assert _dfn("anp").uses_validation and not _dfn("anp", threshold=0.2).uses_validation
-    assert not _dfn("rnp").uses_validation
+    assert small_cnn_defense("anp").uses_validation and not small_cnn_defense("anp", threshold=0.2).uses_validation
+    assert not small_cnn_defense("rnp").uses_validation
     with pytest.raises(BdjaxError, match="threshold 1.5"):
-        _dfn("anp", threshold=1.5)
+        small_cnn_defense("anp", threshold=1.5)
     with pytest.raises(BdjaxError, match="prune_by 'ratio'"):
-        _dfn("rnp", prune_by="ratio")
+        small_cnn_defense("rnp", prune_by="ratio")
 
 
 def test_pruning_zeroes_the_original_gammas_by_mask_value(backdoored):
@@ -64,7 +54,7 @@ def test_pruning_zeroes_the_original_gammas_by_mask_value(backdoored):
 def test_vmapped_trials_equal_separate_runs_and_compile_once(backdoored, small_data, name,
                                                              over):
     model, state, attack, test = backdoored
-    assert_vmap_matches_sequential(model, state, _dfn(name, **over), small_data, test,
+    assert_vmap_matches_sequential(model, state, small_cnn_defense(name, **over), small_data, test,
                                    attack=attack)
 
 
@@ -92,7 +82,7 @@ def test_effect_on_the_fixture(backdoored, small_data):
     model, state, _, test = backdoored
     before = experiment.evaluate(model, state, test)
     for name, over, spc in (("rnp", {}, 10), ("anp", dict(iterations=100), 100)):
-        run = _run(model, state, _dfn(name, **over), small_data, trials=(0,), spc=spc)
+        run = run_trials(model, state, small_cnn_defense(name, **over), small_data, trials=(0,), spc=spc)
         after = {k: float(np.mean(v)) for k, v in
                  experiment.evaluate_trials(model, run.states, test).items()}
         assert np.min(np.asarray(run.reports["pruned"])) >= 1

@@ -4,32 +4,21 @@ runner contract, a checkpoint round trip and the effect on the test fixture."""
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bdjax import checkpoint, defenses, experiment
+from bdjax import checkpoint, experiment
 from bdjax.defenses import awm
 from bdjax.errors import BdjaxError
 from bdjax.kernels import bn
 from bdjax.models.bounds import bound
-from tests.defense_checks import assert_vmap_matches_sequential
+from tests.defense_checks import (assert_vmap_matches_sequential, run_trials,
+                                   small_cnn_defense)
 
 # The AWM paper's settings (the fork's defaults are BN masks with SGD).
 PAPER = dict(masks="kernel", optimizer="adam", inner=15, batch_size=128, gamma_l1=1e-8,
              lr_decay=1.0)
-
-
-def _dfn(name, **over):
-    return defenses.for_run(name, over, dataset="synthetic", model="small_cnn", flip=False)
-
-
-def _run(model, state, dfn, dataset, trials=(0, 1), spc=100):
-    split = experiment.split_for_trials(dataset, trials, 0, spc=spc,
-                                        validation=dfn.uses_validation)
-    return experiment.run_defense(model, state, dfn, split,
-                                  jnp.stack([jax.random.key(t) for t in trials]))
 
 
 def test_l1_projection_and_masks(backdoored):
@@ -44,7 +33,7 @@ def test_l1_projection_and_masks(backdoored):
     np.testing.assert_allclose(out["conv2"]["kernel"], state["params"]["conv2"]["kernel"] * 0.5)
     np.testing.assert_array_equal(out["head"]["kernel"], state["params"]["head"]["kernel"])
     with pytest.raises(BdjaxError, match="masks 'filter'"):
-        _dfn("awm", masks="filter")
+        small_cnn_defense("awm", masks="filter")
 
 
 @pytest.mark.parametrize("name,over", [
@@ -54,7 +43,7 @@ def test_l1_projection_and_masks(backdoored):
 def test_vmapped_trials_equal_separate_runs_and_compile_once(backdoored, small_data, name,
                                                              over):
     model, state, attack, test = backdoored
-    assert_vmap_matches_sequential(model, state, _dfn(name, **over), small_data, test,
+    assert_vmap_matches_sequential(model, state, small_cnn_defense(name, **over), small_data, test,
                                    attack=attack)
 
 
@@ -107,14 +96,14 @@ def test_effect_on_the_fixture(backdoored, small_data):
         return {k: float(np.mean(v)) for k, v in
                 experiment.evaluate_trials(model, run.states, test).items()}
 
-    fork = _run(model, state, _dfn("awm"), small_data, trials=(0,))
+    fork = run_trials(model, state, small_cnn_defense("awm"), small_data, trials=(0,))
     after = scores(fork)
     assert float(np.min(fork.reports["mask_mean"])) > 0.99
     assert after["asr"] > 0.9 * before["asr"] and after["acc"] > before["acc"] - 0.02
-    paper = scores(_run(model, state, _dfn("awm", **dict(PAPER, epochs=10)), small_data,
+    paper = scores(run_trials(model, state, small_cnn_defense("awm", **dict(PAPER, epochs=10)), small_data,
                         trials=(0,)))
     assert paper["asr"] < 0.9 * before["asr"] and before["acc"] - paper["acc"] < 0.10, paper
-    ref = _run(model, state, _dfn("mmbd"), small_data, trials=(0,), spc=10)
+    ref = run_trials(model, state, small_cnn_defense("mmbd"), small_data, trials=(0,), spc=10)
     after = scores(ref)
     means = np.asarray(ref.reports["bound_mean"])  # [T, (before, after)]
     assert np.all(means[:, 0] - means[:, 1] < 0.5) and np.all(means[:, 1] < means[:, 0])
