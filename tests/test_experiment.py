@@ -132,12 +132,16 @@ def test_defense_registry_overrides_and_errors():
 
 
 def test_only_defenses_that_select_hold_a_validation_split_out():
-    """The survey's fork trains FT, FT-SAM, FST and NPD on all SPC images (val_ratio=0);
-    Grad-Prune and FT with a validation-selected epoch keep the split."""
+    """The survey's fork trains FT, FT-SAM, FST, NPD, RNP, AWM and MM-BD on all SPC
+    images (val_ratio=0; BNP and CLP need no labels to train on); Grad-Prune, FP, ANP's
+    threshold search and FT with a validation-selected epoch keep the split."""
     uses = {n: defenses.get(n).uses_validation for n in defenses.names()}
     assert uses == {"ft": False, "ft_sam": False, "fst": False, "lp": False,
-                    "fe_tuning": False, "ft_init": False, "npd": False, "grad_prune": True}
+                    "fe_tuning": False, "ft_init": False, "npd": False, "grad_prune": True,
+                    "fp": True, "anp": True, "rnp": False, "awm": False, "mmbd": False,
+                    "bnp": False, "clp": False}
     assert defenses.get("ft", select="val_acc").uses_validation
+    assert not defenses.get("anp", threshold=0.2).uses_validation
 
 
 def test_the_nan_test_set_check_catches_a_defense_that_reads_the_test_set(
