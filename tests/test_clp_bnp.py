@@ -92,10 +92,13 @@ def test_effect_on_the_fixture(backdoored, small_data):
     CLP (data-free: every trial is the same, one is run) prunes channels that carry the
     trigger: ASR 96 -> ~22% at no clean accuracy. BNP prunes 2-3 channels of the last
     two BN layers in every trial and the ASR stays ~94%: the channels whose clean
-    statistics stray from the running ones are not the trigger's here. Both have the
-    heavy tail the survey reports: on the grid's seed-0 BadNets checkpoint CLP leaves
-    the ASR at ~95% and BNP cuts it to 81-87%
-    (`benchmarks/results/pruning_defenses_synthetic_cpu.md`)."""
+    statistics stray from the running ones are not the trigger's here. Neither result
+    carries over to other seeds (the survey's heavy ASR tails and CLP's wide ARR spread):
+    on the grid's seed-0 checkpoints CLP leaves the ASR at ~95-97% and BNP cuts it to
+    54-87% (`benchmarks/results/pruning_defenses_synthetic_cpu.md`); on the seed-1/2
+    checkpoints (`benchmarks/defense_check.py`, SPC 100) CLP's outliers are clean
+    channels (ASR 90-99%, ACC -6 to -36 points) while BNP halves the ASR on three of
+    four (BadNets seed 1: 54%)."""
     model, state, _, test = backdoored
     before = experiment.evaluate(model, state, test)
     out = {}
