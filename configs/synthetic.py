@@ -34,9 +34,11 @@ badnets-2, blended-2), on a 2-core CPU:
   -5.9/-8.2/-5.4/-8.6, ASR .14/.28/.016/.22 (~105 s per trial at SPC 100). Shorter runs
   lose more accuracy: 10 epochs -9..-19, 30 epochs with a cosine -10.3 on blended-2.
 - anp: 200 mask iterations [reference: 2,000]. The iterations draw batches of 256 with
-  replacement whatever the SPC, so the reference's 2,000 cost ~8 minutes per trial on
-  2 cores (~40 minutes a grid cell); 200 meet the bar: -9.1/-6.7/-8.3/-7.7, ASR
-  .13/.04/.25/.01 (~50 s per trial).
+  replacement whatever the SPC, so the reference's 2,000 cost ~200 s per trial on 2
+  cores (~17 minutes a 5-trial grid cell, 8 cells); 200 meet the bar: -9.1/-6.7/-8.3/
+  -7.7, ASR .13/.04/.25/.01 (~50 s per trial while another job ran). Same regime as the
+  reference's count: on badnets-1, trial 0, 2,000 iterations give -8.0 and ASR .24,
+  200 give -9.8 and ASR .10.
 - fp, bnp, clp, rnp, awm, mmbd: the reference settings (their grid rows show where
   they fail on the small CNN, as the survey's heavy tails do).
 - synthetic images are 32x32 like CIFAR but the dataset has no flips (REFERENCE: flips
