@@ -139,7 +139,7 @@ def scan_epoch(step: Callable, batch_size: int, state: State, opt_state, x, y, k
         return (st, os_), (loss, acc)
 
     (state, opt_state), (losses, accs) = jax.lax.scan(body, (state, opt_state), (idx, keys))
-    return state, opt_state, jnp.mean(losses), jnp.mean(accs)
+    return state, opt_state, jnp.mean(losses, axis=0), jnp.mean(accs, axis=0)
 
 
 def run_epoch(model: Model, tx, opts: StepOptions, batch_size: int, state: State,

@@ -19,14 +19,17 @@ _REGISTRY: dict[str, ModelSpec] = {
     "small_cnn": ModelSpec(
         build=lambda c, dtype: SmallCNN(num_classes=c, dtype=dtype),
         head=("head",), last_conv="conv4", polariser_at="conv4",
+        stages=("bn3", "bn4"), stage_relu=True,
         description="4-stage conv-BN-ReLU CNN (~0.1M parameters) for CPU work"),
     "preact_resnet18": ModelSpec(
         build=lambda c, dtype: PreActResNet(num_classes=c, dtype=dtype),
         head=("linear",), last_conv="layer4_1/conv2", polariser_at="layer4_1/conv1",
+        stages=("layer3_1", "layer4_1"),
         description="PreAct-ResNet18 as in BackdoorBench (11.2M parameters)"),
     "vgg19_bn": ModelSpec(
         build=lambda c, dtype: VGG(num_classes=c, dtype=dtype),
         head=("fc0", "fc1", "fc2"), last_conv="conv15", polariser_at="conv15",
+        stages=("bn11", "bn15"), stage_relu=True,
         description="VGG19-BN, torchvision layout (139.6M parameters at 32x32)"),
 }
 

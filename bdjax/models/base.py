@@ -123,6 +123,11 @@ class ModelSpec:
       polariser_at: the conv whose INPUT NPD's polariser transforms (REFERENCE.md, NPD
         row: PreAct-ResNet18 layer4.1.conv1, residual branch only; VGG19-BN the last
         512->512 conv).
+      stages: the modules whose outputs end the network's last stages, in forward order
+        (NAD's attention maps: PreAct-ResNet18 ``layer3``/``layer4``, VGG19-BN its 4th
+        and 5th conv blocks, the small CNN its 3rd and 4th conv-BN-ReLU).
+      stage_relu: a ReLU follows each ``stages`` module's output inside the network
+        (a conv-BN-ReLU stage captured at its BN), so the stage output is its ReLU.
       description: one line for ``bdjax info``/docs.
     """
 
@@ -130,4 +135,6 @@ class ModelSpec:
     head: tuple[str, ...]
     last_conv: str
     polariser_at: str = ""
+    stages: tuple[str, ...] = ()
+    stage_relu: bool = False
     description: str = ""
