@@ -39,6 +39,12 @@ badnets-2, blended-2), on a 2-core CPU:
   -7.7, ASR .13/.04/.25/.01 (~50 s per trial while another job ran). Same regime as the
   reference's count: on badnets-1, trial 0, 2,000 iterations give -8.0 and ASR .24,
   200 give -9.8 and ASR .10.
+- nad: teacher and student at lr 0.05 [reference: 0.01], the attack training's CPU
+  scaling (lr 0.05 for 0.01). At 0.01 the 40 steps of SPC 100 (10 epochs of 4 batches)
+  leave the teacher backdoored and the student with it (test fixture: ASR 96% -> 92%);
+  at 0.05: -4.2/-3.6/-3.3/-2.7, ASR .44/.36/.38/.40 (~30-50 s per trial). FT alone at
+  0.05 for the teacher's 10 epochs keeps the fixture's ASR at ~70%: the distillation
+  does the rest.
 - fp, bnp, clp, rnp, awm, mmbd: the reference settings (their grid rows show where
   they fail on the small CNN, as the survey's heavy tails do).
 - synthetic images are 32x32 like CIFAR but the dataset has no flips (REFERENCE: flips
@@ -70,5 +76,6 @@ def get_config(smoke: bool = False) -> dict:
             "ft_sam": {"epochs": 20, "batch_size": 128, "lr": 0.02, "rho": 3.0},
             "grad_prune": {"epochs": 30, "score_batch_stats": False},
             "anp": {"iterations": 200},
+            "nad": {"lr": 0.05, "student_lr": 0.05},
         },
     }

@@ -75,6 +75,9 @@ _REGISTRY: dict[str, tuple[str, str, str, bool, dict]] = {
     "mmbd": ("mmbd", "defend", "MMBDConfig", False, {}),
     "bnp": ("bnp", "defend", "BNPConfig", False, {}),
     "clp": ("clp", "defend", "CLPConfig", False, {}),
+    # The survey's unlearning and fine-tuning defenses (issue 11).
+    "nad": ("nad", "defend", "NADConfig", False, {}),
+    "pbe": ("pbe", "defend", "PBEConfig", False, {}),
 }
 
 
