@@ -78,6 +78,9 @@ _REGISTRY: dict[str, tuple[str, str, str, bool, dict]] = {
     # The survey's unlearning and fine-tuning defenses (issue 11).
     "nad": ("nad", "defend", "NADConfig", False, {}),
     "pbe": ("pbe", "defend", "PBEConfig", False, {}),
+    "ibau": ("ibau", "defend", "IBAUConfig", False, {}),
+    "sau": ("sau", "defend", "SAUConfig", False, {}),
+    "nc": ("nc", "defend", "NCConfig", False, {}),
 }
 
 
