@@ -18,9 +18,9 @@ What the fork runs, where it differs from the defenses' defaults (the papers' ow
 FT, FT-SAM and Grad-Prune run the same settings as the defaults (BackdoorBench's FT and
 FT-SAM, the Grad-Prune authors' ``cifar10.yaml``). Attack training is BackdoorBench's
 (the ``cifar10`` config). The ``sweep`` section is the survey's CIFAR-10 grid of what
-bdjax implements so far (its other attacks and defenses join as they land): 2 models x
-3 attacks x 3 poisoning ratios x 15 defenses x 3 SPC x 10 trials = 8,100 defense runs
-from 18 backdoored models. ``smoke=True`` shrinks every length for a set-up check.
+bdjax implements so far (its other attacks join as they land): 2 models x 3 attacks x
+3 poisoning ratios x 20 defenses x 3 SPC x 10 trials = 10,800 defense runs from 18
+backdoored models. ``smoke=True`` shrinks every length for a set-up check.
 """
 
 
@@ -36,13 +36,13 @@ def get_config(smoke: bool = False) -> dict:
         "attack_seeds": [0],
         "defenses": {"ft": {}, "ft_sam": {}, "fst": {}, "lp": {}, "fe_tuning": {},
                      "ft_init": {}, "grad_prune": {}, "npd": {}, "fp": {}, "bnp": {},
-                     "clp": {}, "anp": {}, "rnp": {}, "awm": {}, "mmbd": {}},
+                     "clp": {}, "anp": {}, "rnp": {}, "awm": {}, "mmbd": {}, "nad": {},
+                     "pbe": {}, "ibau": {}, "sau": {}, "nc": {}},
         "spc": [2, 10, 100],
         "trials": 10,
         "seed": 0,
-        # The survey's attacks and defenses bdjax does not have yet (issues 11-12).
-        "planned": {"attacks": ["lf", "ssba", "iab", "bpp", "wanet"],
-                    "defenses": ["nad", "pbe", "ibau", "sau", "nc"]},
+        # The survey's attacks bdjax does not have yet (issue 12).
+        "planned": {"attacks": ["lf", "ssba", "iab", "bpp", "wanet"]},
     }
     cfg = {"dataset": "cifar10", "model": "preact_resnet18",
            "train": {"epochs": 100, "batch_size": 128, "lr": 0.01},

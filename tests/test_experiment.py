@@ -139,7 +139,8 @@ def test_only_defenses_that_select_hold_a_validation_split_out():
     assert uses == {"ft": False, "ft_sam": False, "fst": False, "lp": False,
                     "fe_tuning": False, "ft_init": False, "npd": False, "grad_prune": True,
                     "fp": True, "anp": True, "rnp": False, "awm": False, "mmbd": False,
-                    "bnp": False, "clp": False, "nad": False, "pbe": False}
+                    "bnp": False, "clp": False, "nad": False, "pbe": False, "ibau": False,
+                    "sau": False, "nc": False}
     assert defenses.get("ft", select="val_acc").uses_validation
     assert not defenses.get("anp", threshold=0.2).uses_validation
 

@@ -97,9 +97,9 @@ def test_grid_of_the_smoke_config_and_bad_grids():
                             ({"trials": 0}, "sweep trials 0 is invalid")):
         with pytest.raises(BdjaxError, match=message):
             _grid(**change)
-    planned = _grid(planned={"defenses": ["ft_sam", "nad"]}, defenses={"ft": {}})
+    planned = _grid(planned={"defenses": ["ft_sam", "ep"]}, defenses={"ft": {}})
     assert {c.defense for c in planned.cells} == {"ft", "ft_sam"}
-    assert planned.unavailable["defenses"] == ["nad"]
+    assert planned.unavailable["defenses"] == ["ep"]
 
 
 def test_every_cell_once_then_resume_does_no_work(smoke, monkeypatch):
@@ -198,8 +198,8 @@ def test_plan_counts_cells_and_projects_the_rest(smoke, tmp_path):
     assert "| small_cnn | ft | 4 |" in fresh
     survey = grid.expand(config.load("survey_cifar10"))
     text = projection.plan(survey, tmp_path / "survey", bench=str(BENCH))
-    assert "= 18 backdoored models" in text and "810 cells of 10 trials" in text
-    assert "not yet available in bdjax (defenses, skipped): nad, pbe" in text
+    assert "= 18 backdoored models" in text and "1080 cells of 10 trials" in text
+    assert "not yet available in bdjax (attacks, skipped): lf, ssba" in text
     assert "| preact_resnet18 | npd | 270 |" in text
 
 
