@@ -117,7 +117,8 @@ _SHORT = {"ft": dict(epochs=1), "fst": dict(epochs=1), "lp": dict(epochs=1),
           "rnp": dict(unlearn_epochs=1, recovery_epochs=1), "awm": dict(epochs=1),
           "mmbd": dict(epochs=1), "nad": dict(epochs=1, student_epochs=1),
           "pbe": dict(epochs=1), "ibau": dict(rounds=1), "sau": dict(epochs=1),
-          "nc": dict(nc_epochs=2, epochs=1)}
+          "nc": dict(nc_epochs=1, nc_batch_size=64, nc_batches=1,
+                                                 epochs=1)}
 
 FULL = Profile(models=("small_cnn", "preact_resnet18", "vgg19_bn"),
                defense_models=("small_cnn", "preact_resnet18", "vgg19_bn"), n_train=2500,

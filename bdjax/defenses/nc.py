@@ -95,7 +95,7 @@ MEDIANS = ("lower", "average")
 @dataclasses.dataclass(frozen=True)
 class NCConfig(TrainConfig):
     """NC settings: the fine-tuning run of :class:`TrainConfig` with batch 256 (also
-    the reverse-engineering batch), plus:
+    the reverse-engineering batch unless ``nc_batch_size``), plus:
 
     Attributes:
       flip: horizontal flips in augmentation (set from the dataset by the runner).
