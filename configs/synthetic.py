@@ -52,6 +52,11 @@ badnets-2, blended-2), on a 2-core CPU:
   Both meet the bar on BadNets (the target flagged in every trial) and not on Blended,
   whose full-image trigger NC misses (flagged in 1 of 3 trials here, never at the
   reference settings), as the survey reports.
+- sau: 20 epochs at batch 32 and lr 1e-3 [reference: 100 epochs, batch 256, lr 1e-4].
+  At SPC 10 the reference's one batch per epoch leaves the backdoor: -3.5/-3.3/-3.8/
+  -6.0, ASR .80/.55/.64/.72; at SPC 100, 20 of its epochs leave ASR .68 on badnets-1
+  (one trial). With these: SPC 100 -1.9/-4.4/-5.2/-2.1, ASR .13/.10/.12/.32; SPC 10
+  -9.8/-9.0/-7.7/-9.4, ASR .31/.11/.33/.27.
 - fp, bnp, clp, rnp, awm, mmbd: the reference settings (their grid rows show where
   they fail on the small CNN, as the survey's heavy tails do).
 - synthetic images are 32x32 like CIFAR but the dataset has no flips (REFERENCE: flips
@@ -85,5 +90,6 @@ def get_config(smoke: bool = False) -> dict:
             "anp": {"iterations": 200},
             "nad": {"lr": 0.05, "student_lr": 0.05},
             "nc": {"nc_batch_size": 100, "nc_batches": 1, "epochs": 20},
+            "sau": {"epochs": 20, "lr": 1e-3, "batch_size": 32},
         },
     }

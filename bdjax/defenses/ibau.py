@@ -58,6 +58,9 @@ Differences from the reference code:
 - The second-order products are forward-mode derivatives of gradients instead of
   reverse-mode ones (the same numbers; :func:`hypergradient`).
 
+On CPU (the "fold" convolutions) the trials of a vmapped run go one after another inside
+the compiled program (see the note above :func:`defend`).
+
 References:
   Zeng, Chen, Park, Mao, Jin and Jia, "Adversarial Unlearning of Backdoors via Implicit
   Hypergradient", ICLR 2022, Algorithm 1; Grazzi et al., "On the Iteration Complexity of
@@ -78,9 +81,8 @@ import optax
 
 from bdjax.data import DefenseData
 from bdjax.errors import BdjaxError, check_choice, check_range
-from bdjax.kernels import batch_indices, cross_entropy, crop_flip, to_unit
-from bdjax.models import Model, State
-from bdjax.models import layers
+from bdjax.kernels import batch_indices, crop_flip, cross_entropy, to_unit
+from bdjax.models import Model, State, layers
 
 SPACES = ("normalised", "pixel")
 
@@ -158,8 +160,9 @@ def hypergradient(inner_loss: Callable, inner_lr: float, outer_loss: Callable, d
     (d^2 inner_loss / ddelta dparams)^T v`` is the derivative of ``grad_params
     inner_loss`` along ``v``: both are forward-mode derivatives of a gradient
     (forward-over-reverse), the same products as the reference's vector-Jacobian
-    products of ``Phi`` (reverse-over-reverse), which bdjax's CPU convolutions cannot
-    run (see :func:`_twice_differentiable_convs`).
+    products of ``Phi`` (reverse-over-reverse). The gradient is linearised once at
+    ``delta`` and its linear map reused by every iteration; forward derivatives are also
+    what bdjax's CPU convolutions support (:func:`_twice_differentiable_convs`).
 
     Args:
       inner_loss, outer_loss: ``(delta, params) -> scalar``.
@@ -219,10 +222,12 @@ def torch_adam(lr: float, *, amsgrad: bool = False, b1: float = 0.9, b2: float =
 # rule). Their custom VJP's forward rule calls the custom-VJP function again, so a
 # gradient through them cannot be differentiated in forward mode; and the trial-folding
 # batching rule of the plain convolution under it survives neither a transpose nor a
-# linearisation. i-BAU therefore computes its hypergradients one trial at a time under
-# ``vmap``, and while it traces them it swaps in the same VJP built on JAX's plain
-# convolution (forward convolutions and matrix products only, which XLA:CPU runs fast
-# inside loops). With the "native" rule (GPU) none of this is needed.
+# linearisation. Under the fold rule i-BAU therefore runs its trials one at a time (a
+# loop inside the compiled program, which costs nothing here: with per-trial weights
+# the fold rule runs one convolution per trial anyway) and, while it traces a trial,
+# swaps in the same VJP built on JAX's plain convolution (forward convolutions and
+# matrix products only, which XLA:CPU runs fast inside loops). With the "native" rule
+# (GPU) trials are vmapped as usual.
 def _plain_conv(x, w, strides, pads, lhs_dilation=(1, 1)):
     return jax.lax.conv_general_dilated(x, w, strides, pads, lhs_dilation=lhs_dilation,
                                         dimension_numbers=layers._DN)
@@ -252,41 +257,35 @@ def _twice_differentiable_convs():
         layers._conv, layers._plain_conv = saved
 
 
-def _one_trial_at_a_time(fn: Callable) -> Callable:
-    """``fn`` (whose inputs are all explicit arguments) with twice-differentiable
-    convolutions, run trial by trial in a loop when vmapped over trials, where the
-    convolutions are traced under the fold rule; ``fn`` itself elsewhere."""
-    if not layers._fold():
-        return fn
-
-    def one(*args):
-        with _twice_differentiable_convs():
-            return fn(*args)
-
-    return jax.custom_batching.sequential_vmap(one)
-
-
 def defend(model: Model, state: State, data: DefenseData, config: IBAUConfig, key: jax.Array):
     """i-BAU for one trial; returns (state with unlearnt weights, report).
 
     Report, per round: ``outer_loss`` (mean over the round's outer steps), ``delta_norm``
     (L2 norm of the round's perturbation, in its units) and ``delta_flip`` (the fraction
-    of the unlearning images whose prediction the perturbation changes, before the
-    round's outer steps: the universal perturbation's success).
+    of the last batch of the perturbation's pass whose prediction it changes, before its
+    last step: the universal perturbation's success).
     """
-    x, y = data.x_train, data.y_train
+    if not layers._fold():
+        return _defend(model, config, state, data.x_train, data.y_train, key)
+
+    @jax.custom_batching.sequential_vmap  # one trial at a time under vmap (see above)
+    def one(state, x, y, key):
+        with _twice_differentiable_convs():
+            return _defend(model, config, state, x, y, key)
+
+    return one(state, data.x_train, data.y_train, key)
+
+
+def _defend(model: Model, config: IBAUConfig, state: State, x, y, key: jax.Array):
     n = x.shape[0]
     bs = min(config.batch_size, n)
     n_patch = int(bs * config.portion)  # the reference's int(number * portion)
     rest = {k: v for k, v in state.items() if k != "params"}
     tx = torch_adam(config.lr, amsgrad=config.amsgrad)
+    scale = (jnp.asarray(model.std, jnp.float32) if config.space == "normalised"
+             else jnp.float32(1.0))  # delta's units -> [0, 1] pixels
 
-    def scale():
-        """delta's units -> [0, 1] pixels."""
-        return (jnp.asarray(model.std, jnp.float32) if config.space == "normalised"
-                else jnp.float32(1.0))
-
-    def logits(p, rest, xb):
+    def logits(p, xb):
         return model.apply({**rest, "params": p}, xb)
 
     def augment(xb, k):
@@ -299,59 +298,56 @@ def defend(model: Model, state: State, data: DefenseData, config: IBAUConfig, ke
     idx = batch_indices(k_fix, n, bs)  # the unlearning set: one pass, drawn once
     xs = augment(x[idx].reshape(-1, *x.shape[1:]), k_aug).reshape(*idx.shape, *x.shape[1:])
     ys = y[idx]
+    x0, y0 = to_unit(xs[0]), ys[0]  # the inner map's batch
 
     def perturbation(p, k):
-        """One shuffled, augmented pass of SGD steps on delta from 0."""
+        """One shuffled, augmented pass of SGD steps on delta from 0; (delta, flip)."""
         k_perm, k_aug = jax.random.split(k)
         b = batch_indices(k_perm, n, bs)
 
-        def step(delta, inp):
+        def step(c, inp):
+            delta, _ = c
             bi, kb = inp
             xb = to_unit(augment(x[bi], kb))
-            pred = jnp.argmax(logits(p, rest, xb), -1)
-            g = jax.grad(lambda d: -cross_entropy(logits(p, rest, xb + d * scale()), pred)
-                         + reg(d))(delta)
-            return delta - config.delta_lr * g, None
+            pred = jnp.argmax(logits(p, xb), -1)
+
+            def loss(d):
+                out = logits(p, xb + d * scale)
+                return -cross_entropy(out, pred) + reg(d), out
+
+            (_, out), g = jax.value_and_grad(loss, has_aux=True)(delta)
+            flip = jnp.mean(jnp.argmax(out, -1) != pred)
+            return (delta - config.delta_lr * g, flip), None
 
         delta0 = jnp.zeros((1, *x.shape[1:]), jnp.float32)
-        delta = jax.lax.scan(step, delta0, (b, jax.random.split(k_aug, b.shape[0])))[0]
+        delta, flip = jax.lax.scan(step, (delta0, jnp.float32(0)),
+                                   (b, jax.random.split(k_aug, b.shape[0])))[0]
         if config.delta_radius:
             norm = jnp.sqrt(jnp.sum(delta * delta))
             delta = delta * jnp.minimum(1.0, config.delta_radius / jnp.maximum(norm, 1e-12))
-        return delta
+        return delta, flip
 
-    @_one_trial_at_a_time
-    def outer_grad(p, rest, delta, x0, y0, xb, yb, m):
-        """(outer loss, hypergradient) of one batch; the inner map on (x0, y0)."""
-        def inner_loss(d, pp):
-            return -cross_entropy(logits(pp, rest, to_unit(x0) + d * scale()), y0) + reg(d)
-
-        def outer_loss(d, pp):
-            return cross_entropy(logits(pp, rest, to_unit(xb) + m * d * scale()), yb)
-
-        return hypergradient(inner_loss, config.inner_lr, outer_loss, delta, p, config.k)
+    def inner_loss(delta, p):
+        return -cross_entropy(logits(p, x0 + delta * scale), y0) + reg(delta)
 
     def outer_step(c, inp):
         p, os_, delta = c
         xb, yb, k = inp
         chosen = jax.random.permutation(k, bs)[:n_patch]
         m = jnp.zeros((bs,), jnp.float32).at[chosen].set(1.0)[:, None, None, None]
-        loss, g = outer_grad(p, rest, delta, xs[0], ys[0], xb, yb, m)
+        xb = to_unit(xb)
+
+        def outer_loss(d, pp):
+            return cross_entropy(logits(pp, xb + m * d * scale), yb)
+
+        loss, g = hypergradient(inner_loss, config.inner_lr, outer_loss, delta, p, config.k)
         updates, os_ = tx.update(g, os_, p)
         return (optax.apply_updates(p, updates), os_, delta), loss
-
-    def flip_rate(p, delta):
-        def one(_, xb):
-            xb = to_unit(xb)
-            clean = jnp.argmax(logits(p, rest, xb), -1)
-            return None, jnp.mean(jnp.argmax(logits(p, rest, xb + delta * scale()), -1) != clean)
-        return jnp.mean(jax.lax.scan(one, None, xs)[1])
 
     def round_(r, c):
         p, os_, losses, norms, flips = c
         k_delta, k_out = jax.random.split(jax.random.fold_in(k_rounds, r))
-        delta = perturbation(p, k_delta)
-        flip = flip_rate(p, delta)
+        delta, flip = perturbation(p, k_delta)
         (p, os_, _), loss = jax.lax.scan(
             outer_step, (p, os_, delta), (xs, ys, jax.random.split(k_out, xs.shape[0])))
         return (p, os_, losses.at[r].set(jnp.mean(loss)),

@@ -58,6 +58,14 @@ clean and perturbed images), ~12 times a fine-tuning step; the PGD rarely stops 
 (mean steps 4.5-5 on bdjax's synthetic checkpoints). The reference's 100 epochs at SPC
 100 are ~400 such steps of 256 images per trial.
 
+Measured on bdjax's synthetic checkpoints (small CNN, BadNets and Blended 10%, attack
+seeds 1 and 2, 3 trials, ``benchmarks/defense_check.py``; ACC drop / ASR after for
+badnets-1, badnets-2, blended-1, blended-2): the reference settings at SPC 10 leave the
+backdoor (-3.5/-3.8/-3.3/-6.0, ASR .80/.64/.55/.72); at SPC 100, 20 of its epochs leave
+ASR .68 (badnets-1, one trial). At lr 1e-3 with 20 epochs of batch 32 SAU meets issue 8's
+bar at SPC 100 (-1.9/-5.2/-4.4/-2.1, ASR .13/.12/.10/.32) and SPC 10 (-9.8/-7.7/-9.0/
+-9.4, ASR .31/.33/.11/.27).
+
 References:
   Wei, Zhang, Zha, Wu, "Shared Adversarial Unlearning: Backdoor Mitigation by Unlearning
   Shared Adversarial Examples", NeurIPS 2023; survey (papers/001), Eqs. (33)-(34);
