@@ -1,5 +1,5 @@
 """i-BAU: the fixed-point hypergradient against finite differences and its truncated
-Neumann series, PyTorch's Adam, the runner contract and the effect on the test fixture."""
+Neumann series, the runner contract and the effect on the test fixture."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import jax.flatten_util
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from bdjax.defenses import ibau
@@ -90,35 +89,6 @@ def test_hypergradient_is_the_truncated_neumann_series():
                                    atol=1e-6)
 
 
-def test_torch_adam():
-    """Without amsgrad: optax's Adam. With it: PyTorch's rule (running maximum of the
-    raw second moments, bias-corrected with the current step), which differs from
-    optax's amsgrad (maximum of the bias-corrected moments) once gradients shrink."""
-    grads = [jnp.asarray([1.0, -2.0]), jnp.asarray([0.1, 0.5]), jnp.asarray([0.01, 3.0])]
-
-    def run(tx):
-        def step(c, g):
-            p, s = c
-            u, s = tx.update(g, s, p)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-        return np.asarray(jax.jit(lambda: jax.lax.scan(
-            step, (jnp.zeros(2), tx.init(jnp.zeros(2))), jnp.stack(grads))[1])())
-
-    np.testing.assert_allclose(run(ibau.torch_adam(0.1)), run(optax.adam(0.1)), rtol=1e-5)
-    m = v = vmax = np.zeros(2)
-    p, want = np.zeros(2), []
-    for t, g in enumerate(grads, start=1):
-        g = np.asarray(g)
-        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
-        vmax = np.maximum(vmax, v)
-        p = p - 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(vmax) / np.sqrt(1 - 0.999 ** t) + 1e-8)
-        want.append(p)
-    got = run(ibau.torch_adam(0.1, amsgrad=True))
-    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5)
-    assert np.abs(got - run(optax.amsgrad(0.1))).max() > 1e-3
-
-
 def test_settings():
     cfg = ibau.IBAUConfig()
     assert (cfg.rounds, cfg.k, cfg.batch_size, cfg.lr, cfg.amsgrad) == (5, 5, 256, 1e-4, True)
@@ -141,7 +111,7 @@ def test_vmapped_trials_equal_separate_runs_and_compile_once(backdoored, small_d
     together, _ = assert_vmap_matches_sequential(model, state, dfn, small_data, test,
                                                  attack=attack)
     norms = np.asarray(together.reports["delta_norm"])
-    assert norms.shape == (3, 1)
+    assert norms.shape == (2, 1)
     np.testing.assert_allclose(norms, 0.1, rtol=1e-4)
 
 

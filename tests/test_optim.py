@@ -1,5 +1,7 @@
-"""The SGD transformation: PyTorch's CosineAnnealingLR stepped per epoch or per batch."""
+"""The SGD transformation (PyTorch's CosineAnnealingLR stepped per epoch or per batch)
+and PyTorch's Adam."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -7,7 +9,7 @@ import pytest
 
 from bdjax.errors import BdjaxError
 from bdjax.kernels import SGDConfig, sgd
-from bdjax.kernels.optim import cosine_schedule
+from bdjax.kernels.optim import cosine_schedule, torch_adam
 from bdjax.train import TrainConfig
 
 
@@ -67,3 +69,43 @@ def test_config_validation():
         TrainConfig(schedule_unit="week")
     c = TrainConfig()  # BackdoorBench's attack training
     assert (c.schedule, c.schedule_unit, c.t_max) == ("cosine", "epoch", 100)
+
+
+def _run(tx, grads, p0):
+    def step(c, g):
+        p, s = c
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        return (p, s), p
+    p0 = jnp.asarray(p0, jnp.float32)
+    return np.asarray(jax.jit(lambda: jax.lax.scan(
+        step, (p0, tx.init(p0)), jnp.asarray(grads, jnp.float32))[1])())
+
+
+def test_torch_adam_is_optax_adam_without_amsgrad():
+    grads = [[1.0, -2.0], [0.1, 0.5], [0.01, 3.0]]
+    np.testing.assert_allclose(_run(torch_adam(0.1), grads, [0.0, 0.0]),
+                               _run(optax.adam(0.1), grads, [0.0, 0.0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_torch_adam_amsgrad_is_pytorchs_rule(wd):
+    """``torch.optim.Adam(amsgrad=True, weight_decay=wd)``: g += wd p, then the running
+    maximum of the RAW second moments, bias-corrected with the current step, which
+    differs from optax's amsgrad (maximum of the bias-corrected moments) once the
+    gradients shrink."""
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    grads = np.array([[1.0, -2.0], [0.1, 0.5], [0.01, 3.0], [-0.5, 0.01]])
+    p = np.array([0.5, -0.5])
+    m = v = vmax = np.zeros(2)
+    want = []
+    for t, g in enumerate(grads, 1):
+        g = g + wd * p
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        vmax = np.maximum(vmax, v)
+        p = p - lr / (1 - b1 ** t) * m / (np.sqrt(vmax) / np.sqrt(1 - b2 ** t) + eps)
+        want.append(p)
+    got = _run(torch_adam(lr, amsgrad=True, weight_decay=wd), grads, [0.5, -0.5])
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5)
+    if wd == 0:
+        assert np.abs(got - _run(optax.amsgrad(lr), grads, [0.5, -0.5])).max() > 1e-3

@@ -1,4 +1,4 @@
-"""SAU: the shared-adversarial PGD, the losses against numpy, PyTorch's amsgrad, the
+"""SAU: the shared-adversarial PGD, the losses against numpy, the
 runner contract and the effect on the test fixture."""
 
 from __future__ import annotations
@@ -108,27 +108,6 @@ def test_shared_loss_matches_numpy():
     assert np.isfinite(g).all() and (g[[0, 2, 3]] == 0).all() and (g[1] != 0).any()
 
 
-def test_torch_amsgrad_matches_pytorch_formula():
-    """torch.optim.Adam(amsgrad=True): max of the RAW second moment, bias-corrected after
-    (optax.amsgrad takes the max of the corrected moment, which differs)."""
-    lr, b1, b2, eps, wd = 0.1, 0.9, 0.999, 1e-8, 0.01
-    grads = [np.array([1.0, -2.0]), np.array([0.1, 3.0]), np.array([-0.5, 0.01])]
-    p = np.array([0.5, -0.5])
-    m = v = vmax = np.zeros(2)
-    tx = sau.torch_amsgrad(lr, b1, b2, eps, wd)
-    params = jnp.asarray(p, jnp.float32)
-    state = tx.init(params)
-    for t, g in enumerate(grads, 1):
-        g = g + wd * p
-        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-        vmax = np.maximum(vmax, v)
-        p = p - lr / (1 - b1 ** t) * m / (np.sqrt(vmax) / np.sqrt(1 - b2 ** t) + eps)
-        upd, state = tx.update(jnp.asarray(grads[t - 1], jnp.float32), state, params)
-        params = params + upd
-    np.testing.assert_allclose(params, p, rtol=1e-5)
-
-
-# --------------------------------------------------------------------------------- PGD
 def _brightness(threshold=0.5):
     """Two classes by mean pixel: class 0 when the mean exceeds ``threshold``."""
     return lambda z: jnp.stack([z.reshape(z.shape[0], -1).mean(1) - threshold,

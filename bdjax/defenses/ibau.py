@@ -73,7 +73,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +82,7 @@ import optax
 from bdjax.data import DefenseData
 from bdjax.errors import BdjaxError, check_choice, check_range
 from bdjax.kernels import batch_indices, crop_flip, cross_entropy, to_unit
+from bdjax.kernels.optim import torch_adam
 from bdjax.models import Model, State, layers
 
 SPACES = ("normalised", "pixel")
@@ -183,39 +184,6 @@ def hypergradient(inner_loss: Callable, inner_lr: float, outer_loss: Callable, d
 
     v = jax.lax.fori_loop(0, k, step, tmap(jnp.zeros_like, g_delta))
     return loss, tmap(lambda a, b: b - inner_lr * a, second(v)[1], g_params)
-
-
-class _AdamState(NamedTuple):
-    count: jax.Array
-    mu: Any
-    nu: Any
-    nu_max: Any
-
-
-def torch_adam(lr: float, *, amsgrad: bool = False, b1: float = 0.9, b2: float = 0.999,
-               eps: float = 1e-8) -> optax.GradientTransformation:
-    """``torch.optim.Adam`` (no weight decay): with ``amsgrad`` the denominator is
-    ``sqrt(max_t nu_t) / sqrt(1 - b2^t) + eps``, the running maximum of the RAW second
-    moments, bias-corrected with the current step."""
-
-    def init(params):
-        z = jax.tree_util.tree_map(jnp.zeros_like, params)
-        return _AdamState(jnp.zeros([], jnp.int32), z, z, z)
-
-    def update(g, s, params=None):
-        del params
-        t = s.count + 1
-        mu = jax.tree_util.tree_map(lambda m, x: b1 * m + (1 - b1) * x, s.mu, g)
-        nu = jax.tree_util.tree_map(lambda v, x: b2 * v + (1 - b2) * x * x, s.nu, g)
-        nu_max = jax.tree_util.tree_map(jnp.maximum, s.nu_max, nu) if amsgrad else s.nu_max
-        tf = t.astype(jnp.float32)
-        bc1, bc2 = 1 - b1 ** tf, 1 - b2 ** tf
-        out = jax.tree_util.tree_map(
-            lambda m, v: -lr * (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps),
-            mu, nu_max if amsgrad else nu)
-        return out, _AdamState(t, mu, nu, nu_max)
-
-    return optax.GradientTransformation(init, update)
 
 
 # Second derivatives through bdjax's CPU convolutions (models/layers.py, the "fold"

@@ -75,7 +75,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,8 @@ from bdjax.data import DefenseData
 from bdjax.defenses.reference import reference_dataset
 from bdjax.errors import BdjaxError, check_choice
 from bdjax.kernels import batch_indices, cross_entropy, to_unit
-from bdjax.kernels.pgd import NORMS, _clip_to_box, _random_start, project
+from bdjax.kernels.optim import torch_adam
+from bdjax.kernels.pgd import NORMS, clip_to_box, project, random_start
 from bdjax.models import Model, State
 
 INITS = ("max", "min", "zero", "random")
@@ -168,38 +169,6 @@ def dataset_settings(dataset: str, model: str) -> dict:
 
 
 # --------------------------------------------------------------------------- optimizer
-class AmsgradState(NamedTuple):
-    count: jax.Array
-    mu: optax.Params
-    nu: optax.Params
-    nu_max: optax.Params
-
-
-def torch_amsgrad(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                  weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """``torch.optim.Adam(amsgrad=True)``: g += wd p; m, v moments; v_max = max(v_max, v);
-    update = -lr m / (1 - b1^t) / (sqrt(v_max / (1 - b2^t)) + eps)."""
-
-    def init(params):
-        zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)
-        return AmsgradState(jnp.zeros([], jnp.int32), zeros(), zeros(), zeros())
-
-    def update(grads, state, params=None):
-        if weight_decay:
-            grads = jax.tree_util.tree_map(lambda g, p: g + weight_decay * p, grads, params)
-        t = state.count + 1
-        tm = jax.tree_util.tree_map
-        mu = tm(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-        nu = tm(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
-        nu_max = tm(jnp.maximum, state.nu_max, nu)
-        bc1 = 1 - b1 ** t.astype(jnp.float32)
-        bc2 = 1 - b2 ** t.astype(jnp.float32)
-        upd = tm(lambda m, v: -lr / bc1 * m / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps), mu, nu_max)
-        return upd, AmsgradState(t, mu, nu, nu_max)
-
-    return optax.GradientTransformation(init, update)
-
-
 # ------------------------------------------------------------------------------ losses
 def js_divergence(logits_a, logits_b):
     """Per-row Jensen-Shannon divergence of the two softmaxes, each clamped at 1e-8 (the
@@ -249,7 +218,7 @@ def shared_loss(logits_adv, pred_h0_adv, pred_h0_clean, y):
 # --------------------------------------------------------------------------------- PGD
 def _start(x, eps: float, norm: str, init: str, key):
     if init == "random":
-        return _random_start(key, x, eps, norm)
+        return random_start(key, x, eps, norm)
     value = {"max": eps, "min": -eps, "zero": 0.0}[init]
     return project(jnp.full_like(x, value), eps, norm)
 
@@ -282,7 +251,7 @@ def shared_pgd(logits_h: Callable, logits_h0: Callable, x, y, *, norm: str = "li
     x = to_unit(x)
     clean_h = jnp.argmax(logits_h(x), -1)
     clean_h0 = jnp.argmax(logits_h0(x), -1)
-    box = (lambda d: _clip_to_box(x, d)) if clip else (lambda d: d)
+    box = (lambda d: clip_to_box(x, d)) if clip else (lambda d: d)
 
     def loss(delta):
         xa = x + delta
@@ -364,7 +333,8 @@ def defend(model: Model, state: State, data: DefenseData, config: SAUConfig,
     x, y = data.x_train, data.y_train
     n = x.shape[0]
     h0 = state
-    tx = torch_amsgrad(config.lr, config.b1, config.b2, config.adam_eps, config.weight_decay)
+    tx = torch_adam(config.lr, amsgrad=True, b1=config.b1, b2=config.b2, eps=config.adam_eps,
+                    weight_decay=config.weight_decay)
 
     def epoch(e, carry):
         st, os_, hist = carry
@@ -388,4 +358,4 @@ def defend(model: Model, state: State, data: DefenseData, config: SAUConfig,
 
 
 __all__ = ["SAUConfig", "defend", "dataset_settings", "shared_pgd", "shared_loss",
-           "pgd_loss", "js_divergence", "shared_status", "torch_amsgrad"]
+           "pgd_loss", "js_divergence", "shared_status"]

@@ -19,7 +19,9 @@ from ``lr`` down to 0 over the whole run).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -88,3 +90,39 @@ def sgd(cfg: SGDConfig, steps_per_epoch: int, epochs: int) -> optax.GradientTran
 
 
 __all__ = ["SGDConfig", "sgd", "cosine_schedule", "SCHEDULES", "UNITS"]
+
+
+class TorchAdamState(NamedTuple):
+    count: jax.Array
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+def torch_adam(lr: float, *, amsgrad: bool = False, b1: float = 0.9, b2: float = 0.999,
+               eps: float = 1e-8, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """``torch.optim.Adam`` (i-BAU's and SAU's optimiser): coupled weight decay
+    (``g + weight_decay * p``), and with ``amsgrad`` the denominator
+    ``sqrt(max_t nu_t) / sqrt(1 - b2^t) + eps``: the running maximum of the RAW second
+    moments, bias-corrected with the current step (optax's ``amsgrad`` takes the maximum
+    of the bias-corrected moments, which differs once gradients shrink)."""
+
+    def init(params):
+        z = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return TorchAdamState(jnp.zeros([], jnp.int32), z, z, z)
+
+    def update(g, s, params=None):
+        tm = jax.tree_util.tree_map
+        if weight_decay:
+            g = tm(lambda x, p: x + weight_decay * p, g, params)
+        t = s.count + 1
+        mu = tm(lambda m, x: b1 * m + (1 - b1) * x, s.mu, g)
+        nu = tm(lambda v, x: b2 * v + (1 - b2) * x * x, s.nu, g)
+        nu_max = tm(jnp.maximum, s.nu_max, nu) if amsgrad else s.nu_max
+        tf = t.astype(jnp.float32)
+        bc1, bc2 = 1 - b1 ** tf, 1 - b2 ** tf
+        out = tm(lambda m, v: -lr * (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps),
+                 mu, nu_max if amsgrad else nu)
+        return out, TorchAdamState(t, mu, nu, nu_max)
+
+    return optax.GradientTransformation(init, update)

@@ -64,13 +64,15 @@ def project(delta, eps, norm: str):
     return delta * jnp.minimum(1.0, eps / jnp.maximum(n, _TINY))
 
 
-def _clip_to_box(x, delta):
+def clip_to_box(x, delta):
     """The delta that keeps ``x + delta`` in [0, 1]; it never leaves the ball, because
     clipping moves each coordinate toward ``x``."""
     return jnp.clip(x + delta, 0.0, 1.0) - x
 
 
-def _random_start(key, x, eps, norm: str):
+def random_start(key, x, eps, norm: str):
+    """A uniform draw from the ``norm`` ball of radius ``eps`` per sample (linf: per
+    coordinate; l2: a uniform direction and a radius uniform in [0, eps])."""
     if norm == "linf":
         return jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
     k_dir, k_rad = jax.random.split(key)
@@ -145,7 +147,7 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x, y, *, norm: str, eps, st
     stop = 2.0 if stop_fraction is None else float(stop_fraction)
     after = exit_check == "after"
     image = lambda delta: jnp.clip(x + delta, 0.0, 1.0) if clip == "image" else x + delta
-    box = (lambda delta: delta) if clip == "image" else (lambda delta: _clip_to_box(x, delta))
+    box = (lambda delta: delta) if clip == "image" else (lambda delta: clip_to_box(x, delta))
 
     def loss(delta):
         logits = logits_fn(image(delta))
@@ -172,7 +174,7 @@ def pgd(logits_fn: Callable[[jax.Array], jax.Array], x, y, *, norm: str, eps, st
         delta = jnp.where(done, c["delta"], box(project(delta, eps, norm)))
         return dict(i=c["i"] + jnp.where(done, 0, 1), delta=delta, done=done)
 
-    delta0 = jnp.zeros_like(x) if key is None else _random_start(key, x, eps, norm)
+    delta0 = jnp.zeros_like(x) if key is None else random_start(key, x, eps, norm)
     delta0 = box(project(delta0, eps, norm))
     c = jax.lax.while_loop(lambda c: (c["i"] < steps) & ~c["done"], body,
                            dict(i=jnp.int32(0), delta=delta0, done=jnp.bool_(False)))
