@@ -35,7 +35,7 @@ def _split(dataset, trials, spc, trigger, validation):
 
 
 def assert_vmap_matches_sequential(model, state, defense, dataset, test, *, spc=10,
-                                   trials=(0, 1), trigger=None, atol=1e-5, attack=None):
+                                   trials=(0, 1, 2), trigger=None, atol=1e-5, attack=None):
     traces = []
 
     def counted(*args, **kwargs):
