@@ -105,11 +105,12 @@ def test_vmapped_trials_equal_separate_runs_and_compile_once(backdoored, small_d
 def test_nad_halves_the_asr_on_the_fixture(backdoored, small_data):
     """With the synthetic config (teacher and student at lr 0.05: the CPU scaling of
     the attack training), NAD at SPC 100 takes the fixture's ASR from 96% to ~5% while
-    the accuracy rises (84% -> 95%: the fixture is under-trained). At the reference's
-    lr 0.01 the 40 fine-tuning steps of SPC 100 leave the teacher backdoored (ASR 92%),
-    and the student with it."""
+    the accuracy rises (84% -> 95%: the fixture is under-trained; trials 0/1: ASR
+    3.2/5.6%). One trial here; the seed checks in configs/synthetic.py cover more. At the
+    reference's lr 0.01 the 40 fine-tuning steps of SPC 100 leave the teacher backdoored
+    (ASR 92%), and the student with it."""
     model, state, _, test = backdoored
-    assert_halves_asr(model, state, shipped("nad"), small_data, test)
+    assert_halves_asr(model, state, shipped("nad"), small_data, test, trials=(0,))
 
 
 def test_pbe_on_the_fixture_fails_where_its_adversarial_examples_miss_the_target(
