@@ -61,7 +61,8 @@ _VERSION_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "nump
 
 
 def save(directory, model: Model, state: State, metadata: Mapping[str, Any] | None = None,
-         *, overwrite: bool = False) -> pathlib.Path:
+         *, overwrite: bool = False,
+         files: Mapping[str, str | os.PathLike] | None = None) -> pathlib.Path:
     """Writes ``state`` and its metadata to ``directory`` atomically.
 
     Args:
@@ -73,6 +74,9 @@ def save(directory, model: Model, state: State, metadata: Mapping[str, Any] | No
         target, poison_ratio, n_poisoned, acc/asr/ra, seed, train config...). numpy/jax
         scalars and arrays are converted to plain numbers and lists.
       overwrite: replace an existing bdjax checkpoint at ``directory``.
+      files: ``{relative path: source file}`` copied into the checkpoint with the state
+        (an attack's resources, e.g. ``resources/lf_pattern.npz``), so it is complete
+        on its own.
 
     Returns:
       The absolute path of the checkpoint directory.
@@ -83,7 +87,7 @@ def save(directory, model: Model, state: State, metadata: Mapping[str, Any] | No
         checkpoint, or a failed write. Nothing is left behind on failure.
     """
     final = pathlib.Path(directory).expanduser().absolute()
-    _check_destination(final, overwrite)
+    check_destination(final, overwrite)
     leaves = _flatten_state(state)
     _check_finite(leaves)
     tree = _summary(leaves)
@@ -95,6 +99,13 @@ def save(directory, model: Model, state: State, metadata: Mapping[str, Any] | No
     tmp.mkdir()
     try:
         _write_state(tmp / STATE_DIR, _nest(leaves), final)
+        for rel, source in (files or {}).items():
+            dest = tmp / rel
+            if dest.resolve().parent != tmp.resolve() / pathlib.Path(rel).parent:
+                raise BdjaxError(f"checkpoint file name {rel!r} leaves the checkpoint; "
+                                 "accepted: a relative path inside it.")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest)
         _write_json(tmp / METADATA_FILE, document)
         _install(tmp, final, overwrite)
     except BaseException:
@@ -104,8 +115,9 @@ def save(directory, model: Model, state: State, metadata: Mapping[str, Any] | No
     return final
 
 
-def _check_destination(final: pathlib.Path, overwrite: bool) -> None:
-    """Refuses paths that are not ours to replace, before any work is done."""
+def check_destination(final: pathlib.Path, overwrite: bool) -> None:
+    """Refuses paths that are not ours to replace, before any work is done (callers
+    check before a long training run too)."""
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise BdjaxError(
             f"checkpoint path {final} exists and is not a directory; accepted: a new or "
@@ -130,7 +142,7 @@ def _is_checkpoint(path: pathlib.Path) -> bool:
 def _install(tmp: pathlib.Path, final: pathlib.Path, overwrite: bool) -> None:
     """Renames the finished ``tmp`` to ``final``; the old checkpoint goes only after."""
     # The destination may have changed while we were writing.
-    _check_destination(final, overwrite)
+    check_destination(final, overwrite)
     if final.is_dir() and not any(final.iterdir()):
         final.rmdir()
     if not final.exists():
@@ -507,7 +519,8 @@ def _read_state(path: pathlib.Path, target: State) -> State:
 
 
 # Shown first, in this order; everything else follows alphabetically.
-_ORDER = ("dataset", "attack", "attack_params", "trigger", "target", "poison_ratio",
+_ORDER = ("dataset", "attack", "attack_params", "trigger", "poisoning", "resources", "target",
+          "poison_ratio",
           "n_poisoned", "acc", "asr", "ra", "seed", "train")
 _LABELS = {"acc": "ACC", "asr": "ASR", "ra": "RA", "n_poisoned": "poisoned",
            "poison_ratio": "poison ratio", "attack_params": "attack params"}

@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dataset", help="synthetic (default) or cifar10 (default: the config's)")
     a.add_argument("--model", help="small_cnn, preact_resnet18, vgg19_bn (default: the "
                    "config's: small_cnn for synthetic, preact_resnet18 for cifar10)")
-    a.add_argument("--attack", default="badnets", help="badnets (default), blended, sig")
+    a.add_argument("--attack", default="badnets",
+                   help="badnets (default), blended, sig, lf, ssba, trojan, lc (poisoned "
+                   "data), wanet, bpp, iab (poisoned per batch during training)")
     a.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio (default 0.1)")
     a.add_argument("--target", type=int, default=0, help="target label (default 0)")
     a.add_argument("--mode", default="all_to_one", help="all_to_one (default) or all_to_all")
@@ -56,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(repeatable)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", required=True, help="checkpoint directory to write")
+    a.add_argument("--resources", metavar="DIR",
+                   help="where generated attack resources (clean/robust models, LF and "
+                   "Trojan patterns, LC images, SSBA encoder) are cached and reused "
+                   "(default: resources/ beside --out)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     a.add_argument("--epochs", type=int, help="training epochs (default: dataset config)")
     a.add_argument("--lr", type=float, help="learning rate (default: dataset config)")
@@ -186,7 +192,7 @@ def _attack(args) -> None:
         dataset=dataset, model=model, attack=args.attack, ratio=args.ratio,
         target=args.target, mode=args.mode, seed=args.seed, out=args.out,
         train_config=TrainConfig(**train), attack_params=_key_values(args.param, "--param"),
-        dataset_args=dataset_args, overwrite=args.overwrite,
+        dataset_args=dataset_args, resources_dir=args.resources, overwrite=args.overwrite,
         progress=not args.no_progress, log=_log)
     print(f"saved {args.out}: clean ACC {meta['acc']:.4f}  ASR {meta['asr']:.4f}  "
           f"RA {meta['ra']:.4f}")

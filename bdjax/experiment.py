@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bdjax import attacks, checkpoint, data, metrics, models
+from bdjax.attacks import resources
 from bdjax.data import DefenseData, defense_split
 from bdjax.defenses import Defense
-from bdjax.errors import BdjaxError
+from bdjax.errors import BdjaxError, check_range
 from bdjax.kernels import logits_in_batches
 from bdjax.models import Model, State
 from bdjax.records import append_rows, device_name, jsonable, read_rows, row_key, versions
@@ -90,48 +91,97 @@ def dataset_from_meta(meta: dict) -> data.Dataset:
     return data.load(ds["name"], **ds.get("load", {}))
 
 
-def attack_from_meta(meta: dict, num_classes: int) -> attacks.Attack:
+def attack_from_meta(meta: dict, num_classes: int, directory=None) -> attacks.Attack:
+    """The checkpoint's attack; its resource files are read from ``directory`` (the
+    checkpoint) where the metadata names them by relative path."""
     a = meta["attack"]
     return attacks.get(a["name"], target=a["target"], mode=a["mode"],
-                       num_classes=num_classes, **a.get("params", {}))
+                       num_classes=num_classes, root=directory, **a.get("params", {}))
 
 
 def run_attack(*, dataset: str = "synthetic", model: str = "small_cnn",
                attack: str = "badnets", ratio: float = 0.1, target: int = 0,
                mode: str = "all_to_one", seed: int = 0, out, train_config: TrainConfig,
                attack_params: dict | None = None, dataset_args: dict | None = None,
-               overwrite: bool = False, progress: bool = True, log=print) -> dict:
+               resources_dir=None, overwrite: bool = False, progress: bool = True,
+               log=print) -> dict:
     """Poisons ``dataset``, trains ``model`` on it, evaluates, and checkpoints to ``out``.
+
+    Attacks with resources (LF, SSBA, Trojan, LC) first make them, or reuse them from
+    ``resources_dir`` (default ``resources/`` beside ``out``); training-control attacks
+    (WaNet, BPP, Input-aware) poison each batch during training instead of the dataset
+    (``ratio`` is then the share of each batch). The checkpoint gets a copy of every
+    resource file it needs.
 
     Keys: poisoning uses ``fold_in(key(seed), 1)`` and training ``fold_in(key(seed), 2)``.
     Returns the checkpoint metadata.
     """
+    from bdjax.attacks import control
+    from bdjax.attacks.prepare import prepare
+
     load_args = {k: v for k, v in (dataset_args or {}).items() if v is not None}
     ds = data.load(dataset, **load_args)
     mdl = models.for_dataset(model, ds)
     atk = attacks.get(attack, target=target, mode=mode, num_classes=ds.num_classes,
                       **(attack_params or {}))
+    out = pathlib.Path(out).expanduser().absolute()
+    checkpoint.check_destination(out, overwrite)
+    res_dir = pathlib.Path(resources_dir or out.parent / resources.RESOURCE_DIR).absolute()
+    atk = prepare(atk, ds=ds, model=mdl, train_config=train_config, seed=seed,
+                  directory=res_dir, load_args=load_args, user_params=tuple(attack_params or ()),
+                  progress=progress, log=log)
     root = jax.random.key(seed)
-    poisoned = attacks.poison(atk, ds.x_train, ds.y_train, ds.num_classes, ratio,
-                              jax.random.fold_in(root, 1))
-    log(f"{dataset}: {len(ds.x_train)} train / {len(ds.x_test)} test images; "
-        f"{atk.name} poisons {len(poisoned.indices)} ({ratio:.1%}), target {target}; "
-        f"{mdl.name}: training {train_config.epochs} epochs")
     t0 = time.perf_counter()
-    state, history = train(mdl, poisoned.x, poisoned.y, train_config,
-                           jax.random.fold_in(root, 2), flip=ds.flip, progress=progress)
+    if atk.control:
+        check_range("poison ratio", ratio, 0, 1, low_open=True, high_open=True)
+        log(f"{dataset}: {len(ds.x_train)} train / {len(ds.x_test)} test images; {atk.name} "
+            f"poisons {ratio:.1%} of every batch during training, target {target}; "
+            f"{mdl.name}: training {train_config.epochs} epochs")
+        ctx = control.Batch(atk, ratio, ds.num_classes, ds.flip)
+        state, history, arrays = control.train_controlled(
+            mdl, ds.x_train, ds.y_train, train_config, jax.random.fold_in(root, 2), ctx,
+            progress=progress, log=log)
+        n_poisoned = None
+        if arrays:  # what the test-time trigger needs (Input-aware's generator and mask)
+            param = next(iter(atk.files))
+            file = res_dir / (f"{atk.name}-{ds.name}-{mdl.name}-seed{seed}-"
+                              f"{resources.digest(atk.config)}.npz")
+            sha = resources.save_arrays(file, arrays)
+            atk = attacks.get(atk.name, target=target, mode=mode, num_classes=ds.num_classes,
+                              **{**dict(atk.params), param: str(file), param + "_sha256": sha})
+    else:
+        poisoned = attacks.poison(atk, ds.x_train, ds.y_train, ds.num_classes, ratio,
+                                  jax.random.fold_in(root, 1))
+        n_poisoned = int(len(poisoned.indices))
+        log(f"{dataset}: {len(ds.x_train)} train / {len(ds.x_test)} test images; "
+            f"{atk.name} poisons {n_poisoned} ({ratio:.1%}), target {target}; "
+            f"{mdl.name}: training {train_config.epochs} epochs")
+        state, history = train(mdl, poisoned.x, poisoned.y, train_config,
+                               jax.random.fold_in(root, 2), flip=ds.flip, progress=progress)
     seconds = time.perf_counter() - t0
     scores = evaluate(mdl, state, attacks.test_set(atk, ds.x_test, ds.y_test, ds.num_classes))
+    files, config, kept = {}, atk.config, {}
+    for param, path in atk.files.items():
+        if path is not None:  # the checkpoint's own copy, named relative to it
+            rel = f"{resources.RESOURCE_DIR}/{pathlib.Path(path).name}"
+            files[rel] = path
+            config["params"][param] = rel
+            kept[param] = {"file": rel, "sha256": config["params"][param + "_sha256"],
+                           "cache": path}
     meta = {
         "dataset": {"name": ds.name, "num_classes": ds.num_classes, "load": load_args,
                     "n_train": len(ds.x_train), "n_test": len(ds.x_test)},
-        "attack": atk.config, "poison_ratio": ratio, "target": target,
-        "n_poisoned": int(len(poisoned.indices)), "seed": seed,
+        "attack": config, "poison_ratio": ratio, "target": target,
+        "n_poisoned": n_poisoned, "seed": seed,
         "train": {**dataclasses.asdict(train_config), "seconds": round(seconds, 2),
                   "final_loss": history[-1]["loss"], "final_train_acc": history[-1]["acc"]},
         **scores, "device": device_name(),
     }
-    checkpoint.save(out, mdl, state, meta, overwrite=overwrite)
+    if kept:
+        meta["resources"] = kept
+    if atk.control:
+        meta["poisoning"] = "per batch during training"
+    checkpoint.save(out, mdl, state, meta, overwrite=overwrite, files=files)
     return checkpoint.load_metadata(out)
 
 
@@ -153,7 +203,7 @@ class Backdoored:
     def restore(cls, directory) -> "Backdoored":
         model, state, meta = checkpoint.restore(directory)
         ds = dataset_from_meta(meta)
-        atk = attack_from_meta(meta, ds.num_classes)
+        atk = attack_from_meta(meta, ds.num_classes, directory)
         test = attacks.test_set(atk, ds.x_test, ds.y_test, ds.num_classes)
         return cls(str(directory), model, state, meta, ds, atk, test)
 

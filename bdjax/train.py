@@ -82,6 +82,37 @@ def _progress(total: int, enabled: bool):
                 dynamic_ncols=True)
 
 
+def fit_loop(epoch_fn, carry, epochs: int, key: jax.Array, *, progress: bool = True,
+             val_fn=None):
+    """The training loop shared by plain and training-control attacks: epoch ``e`` runs
+    ``epoch_fn(carry, fold_in(key, e + 1)) -> (carry, loss, acc)`` (one compiled call),
+    then ``val_fn(carry) -> (val_acc, val_loss)`` if given; a non-finite loss stops the
+    run with one sentence. Returns (carry, history)."""
+    bar = _progress(epochs, progress)
+    history = []
+    try:
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            carry, loss, acc = epoch_fn(carry, jax.random.fold_in(key, epoch + 1))
+            row = {"epoch": epoch + 1, "loss": float(loss), "acc": float(acc)}
+            if val_fn is not None:
+                vacc, vloss = val_fn(carry)
+                row.update(val_acc=float(vacc), val_loss=float(vloss))
+            row["seconds"] = time.perf_counter() - t0
+            if not np.isfinite(row["loss"]):
+                raise BdjaxError(f"training diverged at epoch {epoch + 1} (loss {row['loss']});"
+                                 " accepted: a smaller lr.")
+            history.append(row)
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()
+                                 if k in ("loss", "acc", "val_acc")})
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return carry, history
+
+
 def train(model: Model, x: np.ndarray, y: np.ndarray, config: TrainConfig, key: jax.Array,
           *, flip: bool = True, state: State | None = None, progress: bool = True,
           val: tuple[np.ndarray, np.ndarray] | None = None):
@@ -104,30 +135,16 @@ def train(model: Model, x: np.ndarray, y: np.ndarray, config: TrainConfig, key: 
     tx = sgd(config.sgd, steps_per_epoch(len(x), config.batch_size), config.epochs)
     opts = StepOptions(augment=config.augment, flip=flip,
                        label_smoothing=config.label_smoothing)
-    opt_state = tx.init(state["params"])
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y, jnp.int32)
-    bar = _progress(config.epochs, progress)
-    history = []
-    try:
-        for epoch in range(config.epochs):
-            t0 = time.perf_counter()
-            state, opt_state, loss, acc = _epoch(model, tx, opts, config.batch_size, state,
-                                                 opt_state, x_dev, y_dev,
-                                                 jax.random.fold_in(key, epoch + 1))
-            row = {"epoch": epoch + 1, "loss": float(loss), "acc": float(acc)}
-            if val is not None:
-                vacc, vloss = _eval(model, state, jnp.asarray(val[0]), jnp.asarray(val[1]))
-                row.update(val_acc=float(vacc), val_loss=float(vloss))
-            row["seconds"] = time.perf_counter() - t0
-            if not np.isfinite(row["loss"]):
-                raise BdjaxError(f"training diverged at epoch {epoch + 1} (loss {row['loss']});"
-                                 " accepted: a smaller lr.")
-            history.append(row)
-            if bar is not None:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()
-                                 if k in ("loss", "acc", "val_acc")})
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+
+    def epoch_fn(carry, k):
+        st, os_, loss, acc = _epoch(model, tx, opts, config.batch_size, *carry, x_dev, y_dev, k)
+        return (st, os_), loss, acc
+
+    val_fn = None
+    if val is not None:
+        xv, yv = jnp.asarray(val[0]), jnp.asarray(val[1])
+        val_fn = lambda carry: _eval(model, carry[0], xv, yv)  # noqa: E731
+    (state, _), history = fit_loop(epoch_fn, (state, tx.init(state["params"])), config.epochs,
+                                   key, progress=progress, val_fn=val_fn)
     return state, history

@@ -2,6 +2,12 @@
 
 ``get(name, **params)`` returns an :class:`Attack`; ``names()`` lists them. An attack's
 ``stamp`` follows the trigger contract ``stamp(images_uint8, key) -> images_uint8``.
+
+Three kinds: poisoned-dataset attacks with a formula trigger (BadNets, Blended, SIG);
+poisoned-dataset attacks whose trigger or poisoned images come from a generated
+resource file (LF, SSBA, Trojan, LC; :mod:`bdjax.attacks.resources`, made by
+:mod:`bdjax.attacks.prepare`); training-control attacks that poison each batch inside
+the compiled training step (WaNet, BPP, Input-aware; :mod:`bdjax.attacks.control`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import jax
 import numpy as np
 
 from bdjax import metrics
-from bdjax.attacks import triggers
+from bdjax.attacks import learned, resources, triggers
 from bdjax.errors import BdjaxError, check_choice, check_range
 
 MODES = metrics.MODES
@@ -22,9 +28,15 @@ MODES = metrics.MODES
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
+    """fn: the stamp; defaults: its parameters; clean_label: draws only target-class
+    images and keeps labels; control: poisons per batch during training; files: the
+    parameters naming resource files (each with a ``<name>_sha256`` partner)."""
+
     fn: Callable
     defaults: dict
     clean_label: bool = False
+    control: bool = False
+    files: tuple[str, ...] = ()
 
 
 _REGISTRY = {
@@ -32,6 +44,27 @@ _REGISTRY = {
     # image None: bdjax's own picture; a path: that file (its SHA-256 filled in by get()).
     "blended": _Spec(triggers.blended, {"alpha": 0.2, "image": None, "image_sha256": None}),
     "sig": _Spec(triggers.sig, {"delta": 40.0, "freq": 6.0}, clean_label=True),
+    "bpp": _Spec(triggers.bpp, {"squeeze": 8, "dithering": False, "neg_ratio": 0.1},
+                 control=True),
+    # grid_seed: the warp's noise; `bdjax attack` sets it to the run's seed
+    "wanet": _Spec(triggers.wanet, {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0,
+                                    "grid_seed": 0}, control=True),
+    "iab": _Spec(learned.iab, {"cross_ratio": 1.0, "mask_density": 0.032, "lambda_div": 1.0,
+                               "lambda_norm": 100.0, "mask_epochs": 25, "lr_g": 0.01,
+                               "lr_m": 0.01, "generator": None, "generator_sha256": None},
+                 control=True, files=("generator",)),
+    # resource_seed: the key of the generated resource (one per dataset and model, as
+    # the reference ships one file per pair), independent of the attack's seed
+    "lf": _Spec(learned.lf, {"pattern": None, "pattern_sha256": None, "resource_seed": 0},
+                files=("pattern",)),
+    "trojan": _Spec(learned.trojan, {"trigger": None, "trigger_sha256": None,
+                                     "resource_seed": 0}, files=("trigger",)),
+    "ssba": _Spec(learned.ssba, {"encoder": None, "encoder_sha256": None, "resource_seed": 0},
+                  files=("encoder",)),
+    # eps in 1/255 units (16 or 8); adversarial: the PGD target-class images
+    "lc": _Spec(learned.lc, {"eps": 16, "amplitude": 1.0, "adversarial": None,
+                             "adversarial_sha256": None, "resource_seed": 0},
+                clean_label=True, files=("adversarial",)),
 }
 
 
@@ -60,6 +93,17 @@ class Attack:
         return _REGISTRY[self.name].clean_label
 
     @property
+    def control(self) -> bool:
+        """Poisons each batch inside training (WaNet, BPP, Input-aware)."""
+        return _REGISTRY[self.name].control
+
+    @property
+    def files(self) -> dict[str, str | None]:
+        """The resource files this attack's parameters name ({param: path or None})."""
+        p = dict(self.params)
+        return {k: p.get(k) for k in _REGISTRY[self.name].files}
+
+    @property
     def config(self) -> dict:
         """JSON-ready description, stored in checkpoints and records."""
         return {"name": self.name, "target": self.target, "mode": self.mode,
@@ -79,8 +123,12 @@ class Attack:
 
 
 def get(name: str, *, target: int = 0, mode: str = "all_to_one", num_classes: int = 10,
-        **params) -> Attack:
-    """The attack ``name``; unknown names or parameters raise BdjaxError."""
+        root=None, **params) -> Attack:
+    """The attack ``name``; unknown names or parameters raise BdjaxError.
+
+    Resource files named by relative paths are looked up inside ``root`` (the checkpoint
+    directory they were saved in); each is checked against its recorded SHA-256.
+    """
     check_choice("attack", name, names())
     check_choice("attack mode", mode, MODES)
     spec = _REGISTRY[name]
@@ -101,6 +149,13 @@ def get(name: str, *, target: int = 0, mode: str = "all_to_one", num_classes: in
     elif merged.get("image_sha256") is not None:
         raise BdjaxError("image_sha256 is given without image; accepted: image=PATH "
                          "(its checksum is computed and recorded by bdjax).")
+    for f in spec.files:
+        if merged[f] is not None:
+            merged[f], merged[f + "_sha256"] = resources.resolve(
+                merged[f], merged[f + "_sha256"], root, what=f"{name} {f}")
+        elif merged[f + "_sha256"] is not None:
+            raise BdjaxError(f"{f}_sha256 is given without {f}; accepted: {f}=PATH (its "
+                             "checksum is computed and recorded by bdjax).")
     return Attack(name=name, target=int(target), mode=mode,
                   params=tuple(sorted(merged.items())))
 
@@ -134,6 +189,10 @@ def poison(attack: Attack, x: np.ndarray, y: np.ndarray, num_classes: int, ratio
     clean-label attacks draw only from target-class images and keep the labels.
     """
     check_range("poison ratio", ratio, 0, 1, low_open=True, high_open=True)
+    if attack.control:
+        raise BdjaxError(f"attack {attack.name!r} poisons each batch during training, not a "
+                         "dataset; accepted: `bdjax attack` or "
+                         "bdjax.attacks.control.train_controlled.")
     n = int(round(ratio * len(x)))
     pool = np.flatnonzero(y == attack.target) if attack.clean_label else np.arange(len(x))
     if n > len(pool):
@@ -148,10 +207,27 @@ def poison(attack: Attack, x: np.ndarray, y: np.ndarray, num_classes: int, ratio
     seed = np.asarray(jax.random.key_data(k_pick)).astype(np.uint32).tolist()
     idx = np.sort(np.random.default_rng(seed).choice(pool, n, replace=False))
     x_p, y_p = x.copy(), y.astype(np.int32).copy()
-    x_p[idx] = stamp_all(attack, x[idx], k_stamp)
+    x_p[idx] = stamp_all(attack, _source(attack, x, idx), k_stamp)
     if not attack.clean_label:
         y_p[idx] = attack.target_labels(y_p[idx], num_classes)
     return Poisoned(x=x_p, y=y_p, indices=idx)
+
+
+def _source(attack: Attack, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The images the trigger is stamped on: LC stamps its adversarial versions."""
+    if attack.name != "lc":
+        return x[idx]
+    p = dict(attack.params)
+    if p["adversarial"] is None:
+        raise BdjaxError("attack 'lc' has no adversarial images yet; accepted: "
+                         "`bdjax attack --attack lc` (it generates them).")
+    arrays = resources.load_arrays(p["adversarial"], p["adversarial_sha256"])
+    where = {int(i): k for k, i in enumerate(arrays["indices"])}
+    missing = [int(i) for i in idx if int(i) not in where]
+    if missing:
+        raise BdjaxError(f"LC's adversarial images do not cover training image {missing[0]}; "
+                         "accepted: poisoned images of the target class they were made for.")
+    return arrays["images"][[where[int(i)] for i in idx]]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,23 +11,14 @@ checkpoint whose image has changed since refuses to load.
 from __future__ import annotations
 
 import functools
-import hashlib
 import pathlib
 
 import numpy as np
 
+from bdjax.attacks.resources import file_sha256
 from bdjax.errors import BdjaxError
 
 _ACCEPTED = "a readable image file (PNG, JPEG, ...)"
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_trigger_image(path, sha256: str | None = None) -> tuple[str, str]:

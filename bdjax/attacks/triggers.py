@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -97,3 +98,66 @@ def sig(images, key=None, *, delta: float = 40.0, freq: float = 6.0):
     w = images.shape[-2]
     v = jnp.asarray(sig_pattern(w, float(delta), float(freq)))[:, None]
     return jnp.clip(images.astype(jnp.int32) + v, 0, 255).astype(jnp.uint8)
+
+
+def quantise(x, squeeze: int):
+    """BPP's colour-depth squeeze of float pixel values in [0, 255]:
+    ``round(x / 255 * (n - 1)) / (n - 1) * 255`` (no rounding to integers)."""
+    return jnp.round(x / 255.0 * (squeeze - 1)) / (squeeze - 1) * 255.0
+
+
+def _dither_one(img, squeeze: int):
+    """Floyd-Steinberg error diffusion of one float image [H, W, C] (7/16 right, 3/16
+    down-left, 5/16 down, 1/16 down-right), in raster order as the reference does."""
+    h, w, c = img.shape
+    buf = jnp.pad(img, ((0, 1), (1, 1), (0, 0)))  # one spare row below, one column each side
+
+    def step(i, buf):
+        y, x = i // w, i % w + 1
+        old = buf[y, x]
+        new = quantise(old, squeeze)
+        err = old - new
+        buf = buf.at[y, x].set(new)
+        # the reference drops the error that would fall outside the image
+        right = jnp.where(x < w, 7 / 16, 0.0)
+        down = jnp.where(y + 1 < h, 1.0, 0.0)
+        buf = buf.at[y, x + 1].add(err * right)
+        buf = buf.at[y + 1, x + 1].add(err * (1 / 16) * down * (x < w))
+        buf = buf.at[y + 1, x].add(err * (5 / 16) * down)
+        buf = buf.at[y + 1, x - 1].add(err * (3 / 16) * down * (x > 1))
+        return buf
+
+    return jax.lax.fori_loop(0, h * w, step, buf)[:h, 1:w + 1]
+
+
+def bpp(images, key=None, *, squeeze: int = 8, dithering: bool = False,
+        neg_ratio: float = 0.1):
+    """BPP: every channel squeezed to ``squeeze`` levels (8: 0, 36, 73, 109, 146, 182,
+    219, 255 after rounding), optionally with Floyd-Steinberg dithering.
+
+    References: Wang et al., "BppAttack: Stealthy and Efficient Trojan Attacks against
+    Deep Neural Networks via Image Quantization and Contrastive Adversarial Learning",
+    CVPR 2022; METHODS.md "BPP". As a static trigger this is the test-time stamp; the
+    training is the per-batch poisoning of :mod:`bdjax.attacks.control`, where
+    ``neg_ratio`` (the share of negative samples a batch) belongs.
+    """
+    x = images.astype(jnp.float32)
+    out = jax.vmap(lambda im: _dither_one(im, squeeze))(x) if dithering else quantise(x, squeeze)
+    return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
+
+
+def wanet(images, key=None, *, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
+          cross_ratio: float = 2.0, grid_seed: int = 0):
+    """WaNet: the image sampled at the fixed warping grid (:mod:`bdjax.attacks.warp`),
+    rounded to integers. ``cross_ratio`` belongs to the training (noise-mode samples)
+    and does not change the stamp.
+
+    References: Nguyen & Tran, "WaNet", ICLR 2021; METHODS.md "WaNet".
+    """
+    from bdjax.attacks import warp
+
+    h, w = images.shape[-3], images.shape[-2]
+    grid = jnp.asarray(warp.warp_grid(int(grid_seed), int(k), float(s), float(grid_rescale),
+                                      h, w))
+    out = warp.grid_sample(images.astype(jnp.float32), grid)
+    return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
