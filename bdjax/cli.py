@@ -191,7 +191,8 @@ def _attack(args) -> None:
     meta = experiment.run_attack(
         dataset=dataset, model=model, attack=args.attack, ratio=args.ratio,
         target=args.target, mode=args.mode, seed=args.seed, out=args.out,
-        train_config=TrainConfig(**train), attack_params=_key_values(args.param, "--param"),
+        train_config=TrainConfig(**train),
+        attack_params={**cfg["attacks"].get(args.attack, {}), **_key_values(args.param, "--param")},
         dataset_args=dataset_args, resources_dir=args.resources, overwrite=args.overwrite,
         progress=not args.no_progress, log=_log)
     print(f"saved {args.out}: clean ACC {meta['acc']:.4f}  ASR {meta['asr']:.4f}  "

@@ -1,7 +1,8 @@
 """Configs as code: modules with ``get_config(smoke) -> dict`` (see ``bdjax.configs``).
 
 A config gives defaults (``dataset``, ``model``, ``dataset_args``, ``train`` for attack
-training, ``defenses`` overrides per defense, and a ``sweep`` grid); command-line flags
+training, ``attacks`` parameters per attack (e.g. the lengths of resource generation),
+``defenses`` overrides per defense, and a ``sweep`` grid); command-line flags
 override it. Values not given anywhere fall back to the reference defaults in the
 dataclasses and the defenses' ``dataset_settings``.
 
@@ -20,7 +21,7 @@ import sys
 
 from bdjax.errors import BdjaxError
 
-SECTIONS = ("dataset_args", "train", "defenses", "sweep")  # dicts
+SECTIONS = ("dataset_args", "train", "attacks", "defenses", "sweep")  # dicts
 VALUES = ("dataset", "model")  # strings or None
 _ACCEPTED = ("a shipped config name ({names}) or a Python file defining "
              "get_config(smoke) -> dict")

@@ -5,6 +5,8 @@ Each module defines ``get_config(smoke: bool = False) -> dict`` with any of:
 - ``dataset_args``: arguments of ``bdjax.data.load`` (e.g. synthetic sizes);
 - ``model``: the model ``bdjax attack`` trains when ``--model`` is not given;
 - ``train``: attack-training settings (``bdjax.train.TrainConfig`` fields);
+- ``attacks``: per attack, parameters of ``bdjax attack`` (``--param`` still wins), e.g.
+  the lengths of an attack's resource generation;
 - ``defenses``: per defense, setting overrides (``--set`` still wins);
 - ``sweep``: a benchmark grid (datasets, models, attacks, ratios, defenses, spc...),
   for ``bdjax sweep``.

@@ -54,16 +54,19 @@ _REGISTRY = {
                                "lr_m": 0.01, "generator": None, "generator_sha256": None},
                  control=True, files=("generator",)),
     # resource_seed: the key of the generated resource (one per dataset and model, as
-    # the reference ships one file per pair), independent of the attack's seed
-    "lf": _Spec(learned.lf, {"pattern": None, "pattern_sha256": None, "resource_seed": 0},
-                files=("pattern",)),
+    # the reference ships one file per pair), independent of the attack's seed; the
+    # other settings are the generators' lengths (bdjax.attacks.prepare)
+    "lf": _Spec(learned.lf, {"pattern": None, "pattern_sha256": None, "resource_seed": 0,
+                             "n_images": 100, "passes": 50}, files=("pattern",)),
     "trojan": _Spec(learned.trojan, {"trigger": None, "trigger_sha256": None,
-                                     "resource_seed": 0}, files=("trigger",)),
-    "ssba": _Spec(learned.ssba, {"encoder": None, "encoder_sha256": None, "resource_seed": 0},
-                  files=("encoder",)),
-    # eps in 1/255 units (16 or 8); adversarial: the PGD target-class images
+                                     "resource_seed": 0, "iters": 1000}, files=("trigger",)),
+    "ssba": _Spec(learned.ssba, {"encoder": None, "encoder_sha256": None, "resource_seed": 0,
+                                 "epochs": 20}, files=("encoder",)),
+    # eps in 1/255 units (16 or 8), PGD `steps`; the robust model: `robust_epochs` (0:
+    # the attack's training epochs) of PGD training with `robust_steps` steps at 8/255
     "lc": _Spec(learned.lc, {"eps": 16, "amplitude": 1.0, "adversarial": None,
-                             "adversarial_sha256": None, "resource_seed": 0},
+                             "adversarial_sha256": None, "resource_seed": 0, "steps": 100,
+                             "robust_epochs": 0, "robust_steps": 10},
                 clean_label=True, files=("adversarial",)),
 }
 

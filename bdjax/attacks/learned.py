@@ -1,7 +1,8 @@
 """Test-time triggers made from generated resources (trigger contract, uint8 in and out).
 
 Each reads its resource file (:mod:`bdjax.attacks.resources`, cached per checksum) and
-applies the attack's own arithmetic from the module that generates it: LF's additive
+applies the attack's own arithmetic from the module that generates it (the other
+parameters, ``**_settings``, are how the resource was generated): LF's additive
 low-frequency pattern, Trojan's masked trigger, SSBA's encoder, Input-aware's generator
 and mask. LC's test trigger is the corner checkerboard alone (its resource, the
 adversarial training images, only matters for poisoning).
@@ -22,7 +23,7 @@ def _arrays(path, sha, attack: str, param: str):
     return resources.load_arrays(path, sha)
 
 
-def lf(images, key=None, *, pattern=None, pattern_sha256=None, resource_seed=0):
+def lf(images, key=None, *, pattern=None, pattern_sha256=None, **_settings):
     """LF: the universal low-frequency pattern added and clipped."""
     arrays = _arrays(pattern, pattern_sha256, "lf", "pattern")
     from bdjax.attacks.lf import apply_lf
@@ -30,7 +31,7 @@ def lf(images, key=None, *, pattern=None, pattern_sha256=None, resource_seed=0):
     return apply_lf(images, jnp.asarray(arrays["pattern"]))
 
 
-def trojan(images, key=None, *, trigger=None, trigger_sha256=None, resource_seed=0):
+def trojan(images, key=None, *, trigger=None, trigger_sha256=None, **_settings):
     """Trojan: the optimised trigger (zero outside its mask) added and clipped."""
     arrays = _arrays(trigger, trigger_sha256, "trojan", "trigger")
     from bdjax.attacks.trojan import apply_trojan
@@ -38,15 +39,14 @@ def trojan(images, key=None, *, trigger=None, trigger_sha256=None, resource_seed
     return apply_trojan(images, jnp.asarray(arrays["trigger"]))
 
 
-def lc(images, key=None, *, eps: int = 16, amplitude: float = 1.0, adversarial=None,
-       adversarial_sha256=None, resource_seed=0):
+def lc(images, key=None, *, amplitude: float = 1.0, **_settings):
     """LC at test time: the four-corner checkerboards alone."""
     from bdjax.attacks.lc import lc_corners
 
     return lc_corners(images, key, amplitude=amplitude)
 
 
-def ssba(images, key=None, *, encoder=None, encoder_sha256=None, resource_seed=0):
+def ssba(images, key=None, *, encoder=None, encoder_sha256=None, **_settings):
     """SSBA: each image re-encoded with the fixed secret by the trained encoder."""
     arrays = _arrays(encoder, encoder_sha256, "ssba", "encoder")
     from bdjax.attacks import ssba as ssba_mod

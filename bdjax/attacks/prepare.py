@@ -39,28 +39,32 @@ def clean_model(ds, model, train_config, directory, *, seed: int = 0, load_args=
     name = f"clean-{ds.name}-{model.name}-{resources.digest(settings)}"
 
     def make():
+        from bdjax.kernels import evaluate
+
         state, history = train(model, ds.x_train, ds.y_train, train_config,
                                jax.random.key(seed), flip=ds.flip, progress=progress)
-        return state, {"resource": "clean model", **settings,
+        acc, _ = jax.jit(evaluate, static_argnums=0)(model, state, ds.x_test, ds.y_test)
+        return state, {"resource": "clean model", **settings, "acc": float(acc),
                        "final_train_acc": history[-1]["acc"]}
 
     return resources.cached_model(directory, name, model, make, log=log)
 
 
-def robust_model(ds, model, train_config, directory, *, eps: float, seed: int = 0,
-                 load_args=None, progress=False, log=print):
-    """The PGD-adversarially-trained classifier LC crafts against (trained once)."""
+def robust_model(ds, model, train_config, directory, *, eps: float, epochs: int,
+                 steps: int, seed: int = 0, load_args=None, progress=False, log=print):
+    """The PGD-adversarially-trained classifier LC crafts against (trained once):
+    ``epochs`` of the attack's SGD run on PGD-Linf examples (``eps``, ``steps`` steps)."""
     from bdjax.attacks.lc import adversarial_train
 
     settings = {**_settings(ds, model, train_config, load_args or {}), "seed": seed,
-                "eps": eps}
+                "eps": eps, "epochs": epochs, "steps": steps}
     name = f"robust-{ds.name}-{model.name}-{resources.digest(settings)}"
 
     def make():
         state = adversarial_train(model, ds.x_train, ds.y_train, jax.random.key(seed),
-                                  epochs=train_config.epochs, lr=train_config.lr,
+                                  epochs=epochs, lr=train_config.lr,
                                   batch_size=train_config.batch_size, eps=eps,
-                                  flip=ds.flip)
+                                  step=eps / 4, steps=steps, flip=ds.flip)
         return state, {"resource": "robust model", **settings}
 
     return resources.cached_model(directory, name, model, make, log=log)
@@ -81,12 +85,14 @@ def prepare(attack: Attack, *, ds, model, train_config, seed: int, directory,
         return attack
     rseed = int(p.get("resource_seed", 0))
     key = jax.random.key(rseed)
-    base = {**_settings(ds, model, train_config, load_args or {}), "resource_seed": rseed,
+    # everything the file depends on: data, model, training, target, the settings
+    settings = {k: v for k, v in p.items() if k not in files and not k.endswith("_sha256")}
+    base = {**_settings(ds, model, train_config, load_args or {}), **settings,
             "target": attack.target}
     kw = dict(load_args=load_args, progress=progress, log=log)
 
-    def cached(kind: str, settings: dict, make) -> tuple[str, str]:
-        file = f"{kind}-{ds.name}-{model.name}-{resources.digest({**base, **settings})}.npz"
+    def cached(kind: str, make) -> tuple[str, str]:
+        file = f"{kind}-{ds.name}-{model.name}-{resources.digest(base)}.npz"
         return resources.cached_arrays(directory, file, make, log=log)
 
     if name in ("lf", "trojan"):
@@ -96,35 +102,38 @@ def prepare(attack: Attack, *, ds, model, train_config, seed: int, directory,
                 from bdjax.attacks.lf import lf_pattern
 
                 return {"pattern": lf_pattern(model, state, ds.x_train, ds.y_train,
-                                              attack.target, key)}
+                                              attack.target, key, n_images=p["n_images"],
+                                              max_passes=p["passes"])}
             from bdjax.attacks.trojan import trojan_trigger
 
-            return {"trigger": trojan_trigger(model, state, key)}
+            return {"trigger": trojan_trigger(model, state, key, iters=p["iters"])}
 
         param = "pattern" if name == "lf" else "trigger"
-        p[param], p[param + "_sha256"] = cached(name, {}, make)
+        p[param], p[param + "_sha256"] = cached(name, make)
     elif name == "lc":
         def make():
             from bdjax.attacks.lc import lc_adversarial
 
             state = robust_model(ds, model, train_config, directory, eps=8 / 255,
-                                 seed=rseed, **kw)
+                                 epochs=p["robust_epochs"] or train_config.epochs,
+                                 steps=p["robust_steps"], seed=rseed, **kw)
             idx = np.flatnonzero(ds.y_train == attack.target)
             images = lc_adversarial(model, state, ds.x_train[idx], ds.y_train[idx],
-                                    jax.random.fold_in(key, 1), eps=p["eps"] / 255)
+                                    jax.random.fold_in(key, 1), eps=p["eps"] / 255,
+                                    steps=p["steps"])
             return {"indices": idx, "images": images}
 
-        p["adversarial"], p["adversarial_sha256"] = cached("lc", {"eps": p["eps"]}, make)
+        p["adversarial"], p["adversarial_sha256"] = cached("lc", make)
     elif name == "ssba":
         def make():
             from bdjax.attacks import ssba
 
-            cfg = ssba.SSBAConfig()
+            cfg = ssba.SSBAConfig(epochs=p["epochs"])
             params, _ = ssba.train_encoder(ds.x_train, key, cfg, progress=progress)
             secret = ssba.make_secret(jax.random.fold_in(key, 1), cfg.bits)
             return {**resources.flatten(params), "secret": np.asarray(secret)}
 
-        p["encoder"], p["encoder_sha256"] = cached("ssba", {}, make)
+        p["encoder"], p["encoder_sha256"] = cached("ssba", make)
     return get(name, **common, **p)
 
 
