@@ -22,10 +22,12 @@ def small_data():
 # The longest files go first, so no worker is left with a long file at the end; the first
 # two do not both need the `backdoored` fixture, so one worker trains it while the other
 # runs the sweep tests.
-_FIRST = ("test_npd.py", "test_sweep.py", "test_nad_pbe.py", "test_ibau.py", "test_sau.py",
+_FIRST = ("test_npd.py", "test_sweep.py", "test_attack_resources.py", "test_iab.py",
+          "test_nad_pbe.py", "test_ibau.py", "test_sau.py",
           "test_nc.py", "test_awm_mmbd.py", "test_anp_rnp.py",
           "test_ft_sam.py", "test_experiment.py", "test_grad_prune.py", "test_fst.py",
-          "test_fp.py", "test_cli.py")
+          "test_fp.py", "test_cli.py", "test_trojan_lc.py", "test_wanet_bpp.py",
+          "test_ssba.py", "test_lf.py")
 
 
 def pytest_collection_modifyitems(config, items):
