@@ -274,7 +274,8 @@ def _demo(args) -> None:
     _attack(ns(dataset="synthetic", model=None, attack="badnets", ratio=0.1, target=0,
                mode="all_to_one", param=None, seed=args.seed, out=str(ckpt), overwrite=True,
                epochs=None, lr=None, batch_size=None, config=None, smoke=args.smoke,
-               data_dir=None, data_archive=None, no_progress=args.no_progress))
+               data_dir=None, data_archive=None, resources=None,
+               no_progress=args.no_progress))
     _log(f"[2/2] FT, SPC 10, {args.trials} vmapped trials -> {results}")
     if results.exists():
         results.unlink()  # the demo shows one fresh run, not an accumulation

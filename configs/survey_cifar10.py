@@ -17,10 +17,9 @@ What the fork runs, where it differs from the defenses' defaults (the papers' ow
 
 FT, FT-SAM and Grad-Prune run the same settings as the defaults (BackdoorBench's FT and
 FT-SAM, the Grad-Prune authors' ``cifar10.yaml``). Attack training is BackdoorBench's
-(the ``cifar10`` config). The ``sweep`` section is the survey's CIFAR-10 grid of what
-bdjax implements so far (its other attacks join as they land): 2 models x 3 attacks x
-3 poisoning ratios x 20 defenses x 3 SPC x 10 trials = 10,800 defense runs from 18
-backdoored models. ``smoke=True`` shrinks every length for a set-up check.
+(the ``cifar10`` config). The ``sweep`` section is the survey's CIFAR-10 grid: 2 models
+x its 8 attacks x 3 poisoning ratios x 20 defenses x 3 SPC x 10 trials = 28,800 defense
+runs from 48 backdoored models. ``smoke=True`` shrinks every length for a set-up check.
 """
 
 
@@ -30,7 +29,8 @@ def get_config(smoke: bool = False) -> dict:
     sweep = {
         "datasets": ["cifar10"],
         "models": ["preact_resnet18", "vgg19_bn"],
-        "attacks": {"badnets": {}, "blended": {}, "sig": {}},
+        "attacks": {"badnets": {}, "blended": {}, "sig": {}, "lf": {}, "ssba": {},
+                    "iab": {}, "bpp": {}, "wanet": {}},
         "poison_ratios": [0.01, 0.05, 0.1],
         "targets": [0],
         "attack_seeds": [0],
@@ -41,8 +41,6 @@ def get_config(smoke: bool = False) -> dict:
         "spc": [2, 10, 100],
         "trials": 10,
         "seed": 0,
-        # The survey's attacks bdjax does not have yet (issue 12).
-        "planned": {"attacks": ["lf", "ssba", "iab", "bpp", "wanet"]},
     }
     cfg = {"dataset": "cifar10", "model": "preact_resnet18",
            "train": {"epochs": 100, "batch_size": 128, "lr": 0.01},

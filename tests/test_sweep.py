@@ -198,9 +198,9 @@ def test_plan_counts_cells_and_projects_the_rest(smoke, tmp_path):
     assert "| small_cnn | ft | 4 |" in fresh
     survey = grid.expand(config.load("survey_cifar10"))
     text = projection.plan(survey, tmp_path / "survey", bench=str(BENCH))
-    assert "= 18 backdoored models" in text and "1080 cells of 10 trials" in text
-    assert "not yet available in bdjax (attacks, skipped): lf, ssba" in text
-    assert "| preact_resnet18 | npd | 270 |" in text
+    assert "= 48 backdoored models" in text and "2880 cells of 10 trials" in text
+    assert "not yet available" not in text  # the survey's eight attacks are all here
+    assert "| preact_resnet18 | npd | 720 |" in text  # 24 models x 3 SPC x 10 trials
 
 
 def test_a_checkpoint_that_is_not_complete_is_never_reused(tmp_path):
