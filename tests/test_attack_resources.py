@@ -131,3 +131,32 @@ def test_the_seed_defense_runs_on_the_new_attack(made, name):
                              log=lambda *_: None)
     assert len(rows) == 1 and rows[0]["attack"] == name
     assert np.isfinite([rows[0]["acc"], rows[0]["asr"], rows[0]["ra"]]).all()
+
+
+def test_iab_trains_its_generator_and_mask_and_saves_them(made):
+    """Input-aware's arrays in the checkpoint: G trained with the classifier (its running
+    statistics carried), M trained in stage 1, the training set's statistics; the saved
+    file stamps as the in-memory tree does (300 images: the chunked path)."""
+    from bdjax.attacks import iab
+
+    tmp, runs = made
+    entry = runs["iab"][0]["resources"]["generator"]
+    tree = resources.nest(resources.load_arrays(entry["cache"], entry["sha256"]))
+    assert set(tree) == {"generator", "mask", "mean", "std"}
+    # run_attack trains with fold_in(key(seed), 2); the hooks start from fold_in(., 2**31 - 1)
+    start = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 2), 2**31 - 1)
+    g0, m0 = iab.init_nets(jax.random.fold_in(start, 0), (32, 32, 3))
+    assert not np.allclose(tree["generator"]["params"]["up0"]["conv"]["kernel"],
+                           g0["params"]["up0"]["conv"]["kernel"])
+    assert not np.allclose(tree["generator"]["batch_stats"]["down0"]["bn"]["mean"], 0)
+    assert not np.allclose(tree["mask"]["params"]["up5"]["conv"]["kernel"],
+                           m0["params"]["up5"]["conv"]["kernel"])
+    bd = experiment.Backdoored.restore(tmp / "iab")
+    np.testing.assert_allclose(tree["mean"], iab.data_stats(bd.dataset.x_train)[0])
+    x = bd.dataset.x_train[:300]
+    out = np.asarray(jax.jit(iab.stamp)(tree, x))
+    assert out.dtype == np.uint8 and (out != x).mean() > 0.01
+    # the checkpoint's trigger reads the saved file: the same images up to float rounding
+    # of a different batch shape (a grey level on a few pixels at a .5 boundary)
+    diff = np.abs(np.asarray(jax.jit(bd.attack.stamp)(x[:40])).astype(int) - out[:40])
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
