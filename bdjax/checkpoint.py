@@ -98,7 +98,7 @@ def save(directory, model: Model, state: State, metadata: Mapping[str, Any] | No
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _write_state(tmp / STATE_DIR, _nest(leaves), final)
+        _write_state(tmp / STATE_DIR, nest_paths(leaves), final)
         for rel, source in (files or {}).items():
             dest = tmp / rel
             if dest.resolve().parent != tmp.resolve() / pathlib.Path(rel).parent:
@@ -285,8 +285,9 @@ def _entry_text(entry: dict | None) -> str:
     return "an empty dict" if not entry else f"of shape {tuple(entry['shape'])}"
 
 
-def _nest(leaves: dict[str, Any]) -> dict:
-    """Inverse of :func:`_flatten_state` (key order follows ``leaves``)."""
+def nest_paths(leaves: Mapping[str, Any]) -> dict:
+    """``{"a/b/c": leaf}`` as nested dicts, the inverse of :func:`_flatten_state` (key
+    order follows ``leaves``); attack resource files use it too."""
     root: dict = {}
     for path, leaf in leaves.items():
         node = root
@@ -497,7 +498,7 @@ def _abstract_target(model: Model, tree: dict, device: jax.Device) -> State:
         entry = tree[path]
         flat[path] = jax.ShapeDtypeStruct(tuple(entry["shape"]), jnp.dtype(entry["dtype"]),
                                           sharding=sharding) if entry else {}
-    return _nest(flat)
+    return nest_paths(flat)
 
 
 def _read_state(path: pathlib.Path, target: State) -> State:

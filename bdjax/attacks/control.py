@@ -14,6 +14,21 @@ Inside a batch of ``B`` shuffled images the first ``n_bd`` are poisoned and the 
 ``ratio * B < 1``, one image with probability ``ratio * B``, else none) and
 ``n_cross = int(n_bd * cross_ratio)`` (WaNet) or ``int(B * neg_ratio)`` (BPP). Counts
 are traced values: the batch keeps its shape and positions are chosen with masks.
+
+References: Nguyen & Tran, "WaNet", ICLR 2021; Wang et al., "BppAttack", CVPR 2022;
+Nguyen & Tran, "Input-Aware Dynamic Backdoor Attack", NeurIPS 2020; BackdoorBench's
+``attack/wanet.py`` and ``attack/bpp.py`` (what runs).
+
+Differences from the reference:
+  - The post-poisoning augmentation (crop pad 5 p 0.8, rotation +-10 p 0.5, flip) is
+    drawn per image; BackdoorBench applies torchvision transforms to the whole batch
+    tensor, so one crop and one rotation (and one coin for each) serve all 128 images,
+    an accident of porting the original WaNet code (kornia, per image).
+  - BPP's negatives take ``Q(x_j) - x_j`` from another image of the same shuffled batch
+    (a random training image, after its augmentation); the reference draws a random
+    image of the un-augmented training set. The hook sees one batch.
+  - The warp's noise comes from ``grid_seed`` (numpy), not torch's global generator;
+    test-time stamps round to integers where the reference truncates on saving.
 """
 
 from __future__ import annotations

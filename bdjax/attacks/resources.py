@@ -63,15 +63,10 @@ def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def nest(flat: dict[str, np.ndarray]) -> dict:
-    """The inverse of :func:`flatten`."""
-    tree: dict = {}
-    for name, v in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
+    """The inverse of :func:`flatten` (the checkpoint's own path nesting)."""
+    from bdjax.checkpoint import nest_paths
+
+    return nest_paths(flat)
 
 
 def save_arrays(path, arrays: dict[str, np.ndarray]) -> str:
