@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -28,6 +30,27 @@ _FIRST = ("test_npd.py", "test_sweep.py", "test_attack_resources.py", "test_iab.
           "test_ft_sam.py", "test_experiment.py", "test_grad_prune.py", "test_fst.py",
           "test_fp.py", "test_cli.py", "test_trojan_lc.py", "test_wanet_bpp.py",
           "test_ssba.py", "test_lf.py")
+
+
+def pytest_configure(config):
+    """One XLA compilation cache for the whole run: the two workers, and the processes
+    the tests start (Ray's workers, `python -m bdjax`), reuse each other's compiled
+    programs (measured: ~70 s of compile saved over a 19-minute run; more on the Ray
+    test). The controlling process makes it and removes it at the end."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        config._bdjax_xla_cache = tempfile.mkdtemp(prefix="bdjax-tests-xla-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config._bdjax_xla_cache
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_bdjax_xla_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -55,6 +55,10 @@ def test_every_new_attack_makes_a_complete_checkpoint(made):
         assert set(meta.get("resources", {})) == {k for k in files}, name
     assert runs["wanet"][0]["attack"]["params"]["grid_seed"] == 0
     assert runs["bpp"][0]["poisoning"] == "per batch during training"
+    # one epoch of 10 steps never reaches the bit accuracy that switches SSBA's image
+    # loss on: the run says so instead of passing visible triggers off as SSBA's
+    assert any(line.startswith("warning: the SSBA encoder's image loss never switched on")
+               for line in runs["ssba"][1])
 
 
 def test_info_shows_the_attack_and_its_resources(made):
@@ -82,6 +86,11 @@ def test_resources_are_generated_once_and_reused(made):
     # a changed setting never reuses a stale file
     meta2, _ = _attack(tmp, "trojan", "trojan-longer", iters=21)
     assert meta2["resources"]["trigger"]["cache"] != runs["trojan"][0]["resources"]["trigger"]["cache"]
+    # ... and a setting the file does not depend on (LC's test-time amplitude) never
+    # makes a second copy
+    meta3, log3 = _attack(tmp, "lc", "lc-amplitude", amplitude=0.5)
+    assert meta3["resources"]["adversarial"]["cache"] == runs["lc"][0]["resources"]["adversarial"]["cache"]
+    assert not [line for line in log3 if "generating" in line or "training (" in line]
 
 
 def test_generation_is_deterministic_from_the_seed(made, tmp_path):

@@ -55,13 +55,15 @@ _REGISTRY = {
                  control=True, files=("generator",)),
     # resource_seed: the key of the generated resource (one per dataset and model, as
     # the reference ships one file per pair), independent of the attack's seed; the
-    # other settings are the generators' lengths (bdjax.attacks.prepare)
+    # other settings are the generators' lengths (bdjax.attacks.prepare); SSBA's `epochs`
+    # and `lr` are its encoder's Adam run (the reference: 20 epochs of CIFAR-10, ~15,600
+    # steps; fewer steps leave its image loss off, and `bdjax attack` warns)
     "lf": _Spec(learned.lf, {"pattern": None, "pattern_sha256": None, "resource_seed": 0,
                              "n_images": 100, "passes": 50}, files=("pattern",)),
     "trojan": _Spec(learned.trojan, {"trigger": None, "trigger_sha256": None,
                                      "resource_seed": 0, "iters": 1000}, files=("trigger",)),
     "ssba": _Spec(learned.ssba, {"encoder": None, "encoder_sha256": None, "resource_seed": 0,
-                                 "epochs": 20}, files=("encoder",)),
+                                 "epochs": 20, "lr": 1e-4}, files=("encoder",)),
     # eps in 1/255 units (16 or 8), PGD `steps`; the robust model: `robust_epochs` (0:
     # the attack's training epochs) of PGD training with `robust_steps` steps at 8/255
     "lc": _Spec(learned.lc, {"eps": 16, "amplitude": 1.0, "adversarial": None,

@@ -51,7 +51,9 @@ def ssba(images, key=None, *, encoder=None, encoder_sha256=None, **_settings):
     arrays = _arrays(encoder, encoder_sha256, "ssba", "encoder")
     from bdjax.attacks import ssba as ssba_mod
 
-    flat = {k: jnp.asarray(v) for k, v in arrays.items() if k != "secret"}
+    # the nets' parameters are the "encoder/..." and "decoder/..." entries (the file also
+    # holds the secret and the training's final bit accuracy and PSNR)
+    flat = {k: jnp.asarray(v) for k, v in arrays.items() if "/" in k}
     return ssba_mod.encode(resources.nest(flat), images, jnp.asarray(arrays["secret"]))
 
 

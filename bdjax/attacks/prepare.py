@@ -11,8 +11,11 @@
 The clean and the robust model are the attacked architecture trained the way the attack
 trains (the same :class:`~bdjax.train.TrainConfig`) on the clean training set; each is
 cached as a bdjax checkpoint in the resource directory, so LF and Trojan share one clean
-model, and every resource is made once per dataset, model, settings and
-``resource_seed`` (:mod:`bdjax.attacks.resources`).
+model. Each resource file is named by a digest of exactly what it depends on
+(``_DEPENDS``): the data and the resource's own settings and ``resource_seed``; the model
+and its training only where it is made against a clean or robust model (LF, Trojan, LC);
+the target only where it aims at it (LF, LC). The SSBA encoder is therefore made once
+per dataset, whatever the model or target (:mod:`bdjax.attacks.resources`).
 """
 
 from __future__ import annotations
@@ -70,6 +73,15 @@ def robust_model(ds, model, train_config, directory, *, eps: float, epochs: int,
     return resources.cached_model(directory, name, model, make, log=log)
 
 
+# per attack with resources: (made against a clean or robust model of the attacked
+# architecture and training, depends on the target, the attack settings it reads)
+_DEPENDS = {"lf": (True, True, ("resource_seed", "n_images", "passes")),
+            "trojan": (True, False, ("resource_seed", "iters")),
+            "lc": (True, True, ("resource_seed", "eps", "steps", "robust_epochs",
+                                "robust_steps")),
+            "ssba": (False, False, ("resource_seed", "epochs", "lr"))}
+
+
 def prepare(attack: Attack, *, ds, model, train_config, seed: int, directory,
             load_args=None, user_params=(), progress: bool = False, log=print) -> Attack:
     """``attack`` with its resource files made (or found in ``directory``) and named in
@@ -81,14 +93,20 @@ def prepare(attack: Attack, *, ds, model, train_config, seed: int, directory,
     if name == "wanet" and "grid_seed" not in user_params:
         return get(name, **common, **{**p, "grid_seed": int(seed)})
     files = attack.files
-    if not files or all(v is not None for v in files.values()):
-        return attack
+    if name not in _DEPENDS or all(v is not None for v in files.values()):
+        return attack  # nothing to make here (IAB's generator is trained with the model)
     rseed = int(p.get("resource_seed", 0))
     key = jax.random.key(rseed)
-    # everything the file depends on: data, model, training, target, the settings
-    settings = {k: v for k, v in p.items() if k not in files and not k.endswith("_sha256")}
-    base = {**_settings(ds, model, train_config, load_args or {}), **settings,
-            "target": attack.target}
+    # exactly what the file depends on (a setting that does not change it never makes a
+    # second copy): the data, the resource's own settings, and where it uses them the
+    # clean/robust model (model and training) and the target
+    uses_model, uses_target, own = _DEPENDS[name]
+    base = {"dataset": ds.name, "load": load_args or {}, "image_shape": ds.x_train.shape[1:],
+            **{k: p[k] for k in own}}
+    if uses_model:
+        base.update(_settings(ds, model, train_config, load_args or {}))
+    if uses_target:
+        base["target"] = attack.target
     kw = dict(load_args=load_args, progress=progress, log=log)
 
     def cached(kind: str, make) -> tuple[str, str]:
@@ -128,10 +146,19 @@ def prepare(attack: Attack, *, ds, model, train_config, seed: int, directory,
         def make():
             from bdjax.attacks import ssba
 
-            cfg = ssba.SSBAConfig(epochs=p["epochs"])
-            params, _ = ssba.train_encoder(ds.x_train, key, cfg, progress=progress)
+            cfg = ssba.SSBAConfig(epochs=p["epochs"], lr=p["lr"])
+            params, history = ssba.train_encoder(ds.x_train, key, cfg, progress=progress)
+            last = history[-1]
+            log(f"ssba encoder: bit accuracy {last['bit_acc']:.3f}, PSNR "
+                f"{last['psnr']:.1f} dB after {len(history)} epochs")
+            if not last["activated"]:
+                log(f"warning: the SSBA encoder's image loss never switched on (bit "
+                    f"accuracy {last['bit_acc']:.3f} never passed {cfg.ramp_threshold}): "
+                    "its triggers are not invisible; train it longer (--param epochs=N) "
+                    "or faster (--param lr=X)")
             secret = ssba.make_secret(jax.random.fold_in(key, 1), cfg.bits)
-            return {**resources.flatten(params), "secret": np.asarray(secret)}
+            return {**resources.flatten(params), "secret": np.asarray(secret),
+                    "bit_acc": np.float32(last["bit_acc"]), "psnr": np.float32(last["psnr"])}
 
         p["encoder"], p["encoder_sha256"] = cached("ssba", make)
     return get(name, **common, **p)
