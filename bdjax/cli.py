@@ -170,9 +170,9 @@ def attack_settings(args) -> tuple[str, str, dict, dict]:
         dataset = args.dataset or "synthetic"
         cfg = config.load(None, dataset=dataset, smoke=args.smoke)
     model = args.model or cfg["model"] or "small_cnn"
-    train = {**cfg["train"], **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr),
-                                                   ("batch_size", args.batch_size))
-                                if v is not None}}
+    flags = (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
+    train = {**cfg["train"], **cfg["attack_train"].get(args.attack, {}),
+             **{k: v for k, v in flags if v is not None}}
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     for k in train:
         if k not in fields:

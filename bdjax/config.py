@@ -1,7 +1,9 @@
 """Configs as code: modules with ``get_config(smoke) -> dict`` (see ``bdjax.configs``).
 
 A config gives defaults (``dataset``, ``model``, ``dataset_args``, ``train`` for attack
-training, ``attacks`` parameters per attack (e.g. the lengths of resource generation),
+training, ``attack_train`` per-attack changes to it (e.g. more epochs for an attack whose
+trigger the model learns slowly), ``attacks`` parameters per attack (e.g. the lengths of
+resource generation),
 ``defenses`` overrides per defense, and a ``sweep`` grid); command-line flags
 override it. Values not given anywhere fall back to the reference defaults in the
 dataclasses and the defenses' ``dataset_settings``.
@@ -21,7 +23,7 @@ import sys
 
 from bdjax.errors import BdjaxError
 
-SECTIONS = ("dataset_args", "train", "attacks", "defenses", "sweep")  # dicts
+SECTIONS = ("dataset_args", "train", "attack_train", "attacks", "defenses", "sweep")  # dicts
 VALUES = ("dataset", "model")  # strings or None
 _ACCEPTED = ("a shipped config name ({names}) or a Python file defining "
              "get_config(smoke) -> dict")
@@ -85,6 +87,12 @@ def load(name_or_path: str | None, *, dataset: str | None = None, smoke: bool = 
                          f"accepted: {', '.join(SECTIONS + VALUES)}.")
     out = empty()
     out.update({k: dict(cfg.get(k) or {}) for k in SECTIONS})
+    from bdjax import attacks
+
+    for name in sorted(set(out["attack_train"]) | set(out["attacks"])):
+        if name not in attacks.names():
+            raise BdjaxError(f"config {str(where)!r} names unknown attack {name!r}; "
+                             f"accepted: {', '.join(attacks.names())}.")
     out.update({k: cfg.get(k) for k in VALUES})
     return out
 

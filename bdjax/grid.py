@@ -209,6 +209,8 @@ def expand(cfg: dict) -> Grid:
     train = dict(cfg.get("train") or {})
     try:
         TrainConfig(**train)
+        for over in (cfg.get("attack_train") or {}).values():
+            TrainConfig(**{**train, **over})
     except TypeError as e:
         raise BdjaxError(f"the config's train section is invalid ({e}); accepted: "
                          f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}.")
@@ -220,7 +222,8 @@ def expand(cfg: dict) -> Grid:
             datasets, atks.items(), ratios, targets, seeds):
         for model in model_names or [DEFAULT_MODEL[dataset]]:
             acell = AttackCell(dataset, model, atk, _json(params), float(ratio), target,
-                               aseed, _json(load_args), _json(train))
+                               aseed, _json(load_args),
+                               _json({**train, **(cfg.get("attack_train") or {}).get(atk, {})}))
             attacks.get(atk, target=target, **params)  # trigger parameters checked now
             attack_cells.append(acell)
             for (dname, over), (kind, value) in itertools.product(dfns.items(), settings):

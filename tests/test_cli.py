@@ -132,6 +132,38 @@ def test_the_dataset_config_chooses_the_model_and_training():
     assert cfg["sweep"]["spc"] == [2, 10, 100] and cfg["sweep"]["trials"] == 10
 
 
+def test_attack_train_changes_one_attacks_training(tmp_path):
+    """A config's ``attack_train`` changes the training of the attacks it names only (in
+    `bdjax attack` and in a sweep's attack cells); flags still win; an unknown attack
+    name is one sentence."""
+    import json
+
+    from bdjax import config, grid
+    from bdjax.cli import attack_settings
+    from bdjax.errors import BdjaxError
+
+    own = tmp_path / "mine.py"
+    own.write_text(
+        "def get_config(smoke=False):\n"
+        "    return {'dataset': 'synthetic', 'model': 'small_cnn',\n"
+        "            'train': {'epochs': 4, 'lr': 0.05},\n"
+        "            'attack_train': {'wanet': {'epochs': 9}},\n"
+        "            'sweep': {'attacks': ['badnets', 'wanet'], 'defenses': ['ft'],\n"
+        "                      'spc': [10], 'trials': 1}}\n")
+    train = lambda *a: attack_settings(_attack_args("--config", str(own), *a))[3]  # noqa: E731
+    assert train("--attack", "wanet") == {"epochs": 9, "lr": 0.05}
+    assert train("--attack", "badnets") == {"epochs": 4, "lr": 0.05}
+    assert train("--attack", "wanet", "--epochs", "2")["epochs"] == 2
+    cells = grid.expand(config.load(str(own))).attack_cells
+    assert {c.attack: json.loads(c.train)["epochs"] for c in cells} == {"badnets": 4,
+                                                                         "wanet": 9}
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config(smoke=False):\n"
+                   "    return {'attack_train': {'wannet': {'epochs': 9}}}\n")
+    with pytest.raises(BdjaxError, match="unknown attack 'wannet'; accepted: .*wanet"):
+        config.load(str(bad))
+
+
 def test_shipped_configs_all_load(tmp_path):
     from bdjax import config
 

@@ -171,7 +171,9 @@ def test_poison_relabels_the_first_share_and_keeps_cross_labels(nets):
     x = jnp.asarray(rng.integers(0, 256, (40, 8, 8, 3)).astype(np.float32) / 255)
     y = jnp.asarray(rng.integers(4, 10, 40), jnp.int32)
     key = jax.random.key(5)
-    poison = jax.jit(iab.poison_parts, static_argnums=0)
+    # the registered hook: G's params are trained, its statistics are the hook's state
+    hook = jax.jit(control.hooks("iab").poison, static_argnums=0)
+    poison = lambda *a: hook(a[0], a[1]["params"], a[1]["batch_stats"], *a[2:])  # noqa: E731
     xp, yp, div_term, stats = poison(ctx, g, fixed, x, y, key)
     assert np.asarray(yp[:4]).tolist() == [3] * 4  # int(0.1 * 40) poisoned
     np.testing.assert_array_equal(np.asarray(yp[4:]), np.asarray(y[4:]))  # cross + clean
@@ -190,23 +192,16 @@ def test_poison_relabels_the_first_share_and_keeps_cross_labels(nets):
     np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(xp))
 
 
-def test_generator_optimizer_stores_the_carried_statistics():
-    """carry_stats is 0 with gradient = the new statistics; generator_tx sets the
-    statistics to that gradient and runs Adam(0.5, 0.9) on the parameters."""
-    old = {"a": jnp.asarray([1.0, 2.0]), "b": jnp.asarray([[3.0]])}
-    new = {"a": jnp.asarray([0.5, -1.0]), "b": jnp.asarray([[7.0]])}
-    val, grad = jax.value_and_grad(iab.carry_stats)(old, new)
-    assert float(val) == 0.0
-    np.testing.assert_array_equal(np.asarray(grad["a"]), [0.5, -1.0])
-    params = {"params": {"w": jnp.asarray([1.0, -1.0])}, "batch_stats": old}
-    grads = {"params": {"w": jnp.asarray([0.2, -3.0])}, "batch_stats": new}
+def test_generator_optimizer_is_the_references_adam():
+    """G's optimizer is Adam with betas (0.5, 0.9) on its params (its statistics are the
+    hook's state, not optimised)."""
+    params = {"w": jnp.asarray([1.0, -1.0])}
     tx = iab.generator_tx(0.01)
-    upd, _ = tx.update(grads, tx.init(params), params)
+    upd, _ = tx.update({"w": jnp.asarray([0.2, -3.0])}, tx.init(params), params)
     out = optax_apply(params, upd)
-    np.testing.assert_allclose(np.asarray(out["batch_stats"]["a"]), [0.5, -1.0], atol=1e-7)
-    np.testing.assert_allclose(np.asarray(out["batch_stats"]["b"]), [[7.0]], atol=1e-6)
     # Adam's first step (bias-corrected) moves each weight by lr against its gradient sign
-    np.testing.assert_allclose(np.asarray(out["params"]["w"]), [0.99, -0.99], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["w"]), [0.99, -0.99], atol=1e-6)
+    assert control.hooks("iab").tx is not None
 
 
 def optax_apply(params, updates):

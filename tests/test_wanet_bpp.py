@@ -168,7 +168,8 @@ def test_batch_hooks_relabel_the_first_share(name):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, 256, (40, 16, 16, 3)).astype(np.float32) / 255)
     y = jnp.asarray(rng.integers(4, 10, 40), jnp.int32)
-    xp, yp, extra = hk.poison(ctx, {}, {}, x, y, jax.random.key(1))
+    xp, yp, extra, state = hk.poison(ctx, {}, {}, {}, x, y, jax.random.key(1))
+    assert state == {}  # nothing carried
     assert np.asarray(yp[:4]).tolist() == [3] * 4  # int(0.1 * 40)
     np.testing.assert_array_equal(np.asarray(yp[4:]), np.asarray(y[4:]))
     assert xp.shape == x.shape and float(extra) == 0.0
@@ -188,7 +189,7 @@ def test_bpp_batch_poisoning_before_augmentation():
     orig = ctl.post_augment
     ctl.post_augment = lambda v, k, flip: v
     try:
-        xp, yp, _ = control.hooks("bpp").poison(ctx, {}, {}, x, y, jax.random.key(0))
+        xp, yp, _, _ = control.hooks("bpp").poison(ctx, {}, {}, {}, x, y, jax.random.key(0))
     finally:
         ctl.post_augment = orig
     pix = np.asarray(x) * 255

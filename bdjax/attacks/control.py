@@ -73,21 +73,28 @@ class Batch:
 class Hooks:
     """A training-control attack.
 
+    The attack carries three pytrees through training: ``params`` (its own trainable
+    parameters, updated by ``tx`` from the gradient of the shared loss), ``state``
+    (values it updates itself each batch and that no gradient touches, e.g. the running
+    BatchNorm statistics of IAB's generator) and ``fixed`` (constant; e.g. IAB's mask
+    net after its own stage). Each is ``{}`` when unused.
+
     Attributes:
-      poison: ``(ctx, params, fixed, x01, y, key) -> (x01, y, extra_loss)``: the batch
-        (floats in [0, 1], after the standard augmentation) poisoned and re-augmented;
-        ``extra_loss`` is added to the classifier's loss and differentiated with respect
-        to ``params`` (the attack's own trainable parameters, ``{}`` if none).
-      init: ``(ctx, key, x, y, log) -> (params, fixed)``; may train (IAB's mask net).
+      poison: ``(ctx, params, state, fixed, x01, y, key) -> (x01, y, extra_loss,
+        state)``: the batch (floats in [0, 1], after the standard augmentation) poisoned
+        and re-augmented; ``extra_loss`` is added to the classifier's loss and
+        differentiated with respect to ``params``; the new ``state``.
+      init: ``(ctx, key, x, y, log) -> (params, state, fixed)``; may train (IAB's mask
+        net).
       tx: ``ctx -> optax transform`` for ``params`` (None: nothing trained).
-      arrays: ``(ctx, params, fixed) -> {name: array}``, what the test-time trigger
-        needs, saved beside the checkpoint (empty: the stamp needs nothing saved).
+      arrays: ``(ctx, params, state, fixed) -> {name: array}``, what the test-time
+        trigger needs, saved beside the checkpoint (empty: the stamp needs nothing saved).
     """
 
     poison: Callable
-    init: Callable = lambda ctx, key, x, y, log: ({}, {})
+    init: Callable = lambda ctx, key, x, y, log: ({}, {}, {})
     tx: Callable | None = None
-    arrays: Callable = lambda ctx, params, fixed: {}
+    arrays: Callable = lambda ctx, params, state, fixed: {}
 
 
 _HOOKS: dict[str, Hooks] = {}
@@ -125,7 +132,7 @@ def _select(mask, a, b):
 
 
 # ---------------------------------------------------------------------------- WaNet
-def _wanet_poison(ctx: Batch, params, fixed, x, y, key):
+def _wanet_poison(ctx: Batch, params, state, fixed, x, y, key):
     p = ctx.params
     b, h, w, _ = x.shape
     k_n, k_noise, k_aug = jax.random.split(key, 3)
@@ -138,11 +145,11 @@ def _wanet_poison(ctx: Batch, params, fixed, x, y, key):
     noisy = warp.grid_sample(x, warp.noisy_grids(k_noise, grid, b))
     x = _select(bd, warped, _select(cross, noisy, x))
     y = jnp.where(bd, ctx.target_labels(y), y)
-    return post_augment(x, k_aug, flip=ctx.flip), y, jnp.float32(0)
+    return post_augment(x, k_aug, flip=ctx.flip), y, jnp.float32(0), state
 
 
 # ------------------------------------------------------------------------------ BPP
-def _bpp_poison(ctx: Batch, params, fixed, x, y, key):
+def _bpp_poison(ctx: Batch, params, state, fixed, x, y, key):
     p = ctx.params
     b = x.shape[0]
     k_n, k_other, k_aug = jax.random.split(key, 3)
@@ -161,7 +168,7 @@ def _bpp_poison(ctx: Batch, params, fixed, x, y, key):
     negative = jnp.clip(jnp.round(pix) + squeezed(other) - other, 0, 255)
     out = _select(bd, q, _select(neg, negative, pix)) / 255.0
     y = jnp.where(bd, ctx.target_labels(y), y)
-    return post_augment(out, k_aug, flip=ctx.flip), y, jnp.float32(0)
+    return post_augment(out, k_aug, flip=ctx.flip), y, jnp.float32(0), state
 
 
 register("wanet", Hooks(poison=_wanet_poison))
@@ -174,21 +181,23 @@ def control_step(model: Model, tx, opts: StepOptions, ctx: Batch, hk: Hooks, aux
     """One step of joint training: the standard augmentation, the attack's poisoning,
     then one update of the classifier (``tx``) and of the attack's parameters
     (``aux_tx``) on the same loss. Returns (carry, opt_carry, loss, accuracy) with
-    ``carry = (state, attack params)`` and ``opt_carry`` their optimizer states."""
-    state, aux = carry
+    ``carry = (state, (attack params, attack state))`` and ``opt_carry`` the optimizer
+    states of the classifier and the attack params."""
+    state, (aux, aux_state) = carry
     opt_state, aux_opt = opt_carry
     k_aug, k_poison, k_drop = jax.random.split(key, 3)
     xb = crop_flip(x, k_aug, flip=opts.flip) if opts.augment else x
     xb = to_unit(xb)
 
     def loss_fn(params, aux_params):
-        xp, yp, extra = hk.poison(ctx, aux_params, fixed, xb, y, k_poison)
+        xp, yp, extra, new_aux_state = hk.poison(ctx, aux_params, aux_state, fixed, xb, y,
+                                                 k_poison)
         variables = {"params": params, "batch_stats": state["batch_stats"]}
         logits, new_bs = model.apply(variables, xp, train=True, key=k_drop)
         loss = cross_entropy(logits, yp, opts.label_smoothing) + extra
-        return loss, (logits, yp, new_bs)
+        return loss, (logits, yp, new_bs, new_aux_state)
 
-    (loss, (logits, yp, new_bs)), (g, g_aux) = jax.value_and_grad(
+    (loss, (logits, yp, new_bs, aux_state)), (g, g_aux) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state["params"], aux)
     updates, opt_state = tx.update(g, opt_state, state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -196,8 +205,8 @@ def control_step(model: Model, tx, opts: StepOptions, ctx: Batch, hk: Hooks, aux
         aux_updates, aux_opt = aux_tx.update(g_aux, aux_opt, aux)
         aux = optax.apply_updates(aux, aux_updates)
     acc = jnp.mean(jnp.argmax(logits, -1) == yp)
-    return ((({**state, "params": params, "batch_stats": new_bs}), aux), (opt_state, aux_opt),
-            loss, acc)
+    return (({**state, "params": params, "batch_stats": new_bs}, (aux, aux_state)),
+            (opt_state, aux_opt), loss, acc)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6), donate_argnums=(8, 9))
@@ -222,7 +231,7 @@ def train_controlled(model: Model, x: np.ndarray, y: np.ndarray, config, key: ja
 
     hk = hooks(ctx.attack.name)
     state = model.init(jax.random.fold_in(key, 0))
-    aux, fixed = hk.init(ctx, jax.random.fold_in(key, 2**31 - 1), x, y, log)
+    aux, aux_state, fixed = hk.init(ctx, jax.random.fold_in(key, 2**31 - 1), x, y, log)
     tx = sgd(config.sgd, steps_per_epoch(len(x), config.batch_size), config.epochs)
     aux_tx = hk.tx(ctx) if hk.tx is not None else None
     opts = StepOptions(augment=config.augment, flip=ctx.flip,
@@ -236,9 +245,11 @@ def train_controlled(model: Model, x: np.ndarray, y: np.ndarray, config, key: ja
                                  c, o, x_dev, y_dev, k)
         return (c, o), loss, acc
 
-    ((state, aux), _), history = fit_loop(epoch_fn, ((state, aux), opt_carry), config.epochs,
-                                          key, progress=progress)
-    return state, history, {k: np.asarray(v) for k, v in hk.arrays(ctx, aux, fixed).items()}
+    ((state, (aux, aux_state)), _), history = fit_loop(
+        epoch_fn, ((state, (aux, aux_state)), opt_carry), config.epochs, key,
+        progress=progress)
+    arrays = hk.arrays(ctx, aux, aux_state, fixed)
+    return state, history, {k: np.asarray(v) for k, v in arrays.items()}
 
 
 __all__ = ["Batch", "Hooks", "control_step", "hooks", "poison_count", "positions",

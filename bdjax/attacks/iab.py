@@ -482,22 +482,6 @@ def partners(key: jax.Array, batch: int):
     return jnp.zeros(batch, jnp.int32).at[perm].set(jnp.roll(perm, -1).astype(jnp.int32))
 
 
-def carry_stats(old, new):
-    """Zero whose gradient with respect to ``old`` is ``new``: how the hook hands G's
-    updated BN running statistics to :func:`generator_tx` (the optimizer sets them to
-    their 'gradient'). Adds nothing to the loss or to any other gradient.
-
-    Args:
-      old, new: pytrees of the same structure (G's ``batch_stats``).
-
-    Returns:
-      float32 scalar 0.
-    """
-    t = sum(jnp.vdot(o, jax.lax.stop_gradient(n)) for o, n in
-            zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new)))
-    return t - jax.lax.stop_gradient(t)
-
-
 def poison_parts(ctx: control.Batch, params, fixed, x, y, key):
     """The stage-2 batch and what G's update needs (the body of :func:`poison_batch`).
 
@@ -558,44 +542,24 @@ def poison_parts(ctx: control.Batch, params, fixed, x, y, key):
             jnp.where(active, float(p["lambda_div"]) * div, 0.0).astype(jnp.float32), stats)
 
 
-def poison_batch(ctx: control.Batch, params, fixed, x, y, key):
+def poison_batch(ctx: control.Batch, params, state, fixed, x, y, key):
     """The stage-2 batch: :class:`bdjax.attacks.control.Hooks` ``poison``.
 
-    Args and images, labels: as :func:`poison_parts`.
+    Args:
+      ctx, fixed, x, y, key: as :func:`poison_parts`.
+      params: G's ``params``; state: G's ``batch_stats`` (the hook's state).
 
     Returns:
-      (images, labels, extra loss): the extra loss is ``lambda_div * diversity`` (its
-      gradient trains G) plus a term of value 0 whose gradient with respect to
-      ``params["batch_stats"]`` is G's new running statistics, which
-      :func:`generator_tx` then stores.
+      (images, labels, ``lambda_div * diversity`` (its gradient trains G), G's new
+      running statistics).
     """
-    out, out_y, div, stats = poison_parts(ctx, params, fixed, x, y, key)
-    return out, out_y, div + carry_stats(params["batch_stats"], stats)
+    return poison_parts(ctx, {"params": params, "batch_stats": state}, fixed, x, y, key)
 
 
 def generator_tx(lr_g: float):
-    """G's optimizer: Adam(lr_g, betas (0.5, 0.9), eps 1e-8, as PyTorch's) on
-    ``params``; the ``batch_stats`` entry is set to its incoming 'gradient' (the new
-    running statistics, see :func:`poison_batch`).
-
-    Args:
-      lr_g: G's learning rate (constant).
-
-    Returns:
-      optax.GradientTransformation over ``{"params", "batch_stats"}``.
-    """
-    adam = optax.adam(lr_g, b1=0.5, b2=0.9)
-
-    def init(params):
-        return adam.init(params["params"])
-
-    def update(grads, state, params):
-        u, state = adam.update(grads["params"], state, params["params"])
-        set_stats = jax.tree_util.tree_map(lambda gr, p: gr - p, grads["batch_stats"],
-                                           params["batch_stats"])
-        return {"params": u, "batch_stats": set_stats}, state
-
-    return optax.GradientTransformation(init, update)
+    """G's optimizer: Adam(lr_g, betas (0.5, 0.9), eps 1e-8, as PyTorch's), constant
+    lr, on G's ``params`` (its running statistics are the hook's state)."""
+    return optax.adam(lr_g, b1=0.5, b2=0.9)
 
 
 def init_attack(ctx: control.Batch, key: jax.Array, x, y, log=print):
@@ -609,8 +573,9 @@ def init_attack(ctx: control.Batch, key: jax.Array, x, y, log=print):
       log: progress lines.
 
     Returns:
-      (params, fixed): G's variables ``{"params", "batch_stats"}`` (trained with the
-      classifier) and ``{"mask": M's trained variables, "mean", "std"}``.
+      (params, state, fixed): G's ``params`` (trained with the classifier), G's
+      ``batch_stats`` (updated by each batch) and ``{"mask": M's trained variables,
+      "mean", "std"}``.
 
     Raises:
       BdjaxError: a parameter out of range, or images that are not uint8 [N, H, W, C]
@@ -660,21 +625,23 @@ def init_attack(ctx: control.Batch, key: jax.Array, x, y, log=print):
                            epochs=s["mask_epochs"], lr_m=s["lr_m"],
                            mask_density=s["mask_density"], lambda_norm=s["lambda_norm"],
                            lambda_div=s["lambda_div"], flip=ctx.flip, log=log)
-    return g_vars, {**fixed, "mask": m_vars}
+    return g_vars["params"], g_vars["batch_stats"], {**fixed, "mask": m_vars}
 
 
-def arrays(ctx, params, fixed) -> dict:
+def arrays(ctx, params, state, fixed) -> dict:
     """What :func:`stamp` needs (:class:`Hooks` ``arrays``).
 
     Args:
       ctx: the run (unused).
-      params: G's variables; fixed: ``{"mask", "mean", "std"}``.
+      params, state: G's ``params`` and ``batch_stats``; fixed: ``{"mask", "mean",
+        "std"}``.
 
     Returns:
       ``{name: array}`` flattened by ``resources.flatten``: ``generator/...`` and
       ``mask/...`` (each ``params`` and ``batch_stats``), ``mean``, ``std``.
     """
-    return resources.flatten({"generator": params, "mask": fixed["mask"],
+    generator = {"params": params, "batch_stats": state}
+    return resources.flatten({"generator": generator, "mask": fixed["mask"],
                               "mean": fixed["mean"], "std": fixed["std"]})
 
 
@@ -737,7 +704,7 @@ def _hooks_tx(ctx):
 control.register("iab", control.Hooks(poison=poison_batch, init=init_attack, tx=_hooks_tx,
                                       arrays=arrays))
 
-__all__ = ["InputAwareNet", "TorchBatchNorm", "arrays", "carry_stats", "counts", "data_stats",
+__all__ = ["InputAwareNet", "TorchBatchNorm", "arrays", "counts", "data_stats",
            "diversity", "generator_tx", "init_attack", "init_nets", "mask_tx", "partners",
            "poison_batch", "poison_parts", "squash", "stamp", "threshold", "train_mask",
            "upsample2"]
