@@ -70,6 +70,28 @@ badnets-2, blended-2), on a 2-core CPU:
 - synthetic images are 32x32 like CIFAR but the dataset has no flips (REFERENCE: flips
   are a CIFAR convention); the runner sets flip=False from the dataset.
 
+Attacks (``bdjax attack --attack X --ratio 0.1 --target 0``, small CNN; the bar of issue
+12: ASR >= 90% and clean ACC within 3 points of a clean model trained the same way,
+which is 96.7% at 20 epochs, 97.4% at 40, 98.4% at 60; ACC/ASR per attack seed):
+
+- wanet: 60 epochs [the others: 20]. Its warp (k 4, s 0.5) and noise mode are learnt
+  slowly by the small CNN: 20 epochs 92.6/91.4 (seed 0), 93.3/64.8 (seed 1); 40 epochs
+  97.8/85.6 (seed 1); 60 epochs 98.4/99.4, 98.6/90.3, 98.5/93.8 (seeds 0, 1, 2).
+- iab: mask_epochs 5 [25], the CPU scaling of the attack's training (stage 1 costs ~150
+  s an epoch on 2 cores); at 20 epochs 95.2/54.5 (seed 0): the generator is not learnt
+  yet (see the issue 12 notes; more epochs are being measured).
+- lc: the robust model 10 epochs of PGD with 3 steps [the attack's epochs, 10 steps]
+  (~5 minutes instead of ~1 hour). At ratio 0.1 LC poisons every target-class image
+  (REFERENCE: clean-label attacks draw from the target class), so no clean image of
+  class 0 is left and class 0's test accuracy is 0.5% (the other classes 94-99%):
+  86.6/87.3, a loss the reference's ratio makes on any balanced 10-class set; ratio
+  0.05: 94.6/68.5.
+- bpp, lf, trojan, ssba: the reference settings. Trojan 94.9/97.6; BPP 95.2/51.9 (with
+  neg_ratio 0: 94.6/94.5 seed 0, 95.4/88.4 seed 1; 40 epochs 97.5/59.7, 60 epochs
+  97.9/73.1); LF 91.3/56.3 (40 epochs 94.8/80.2, 60 epochs 95.4/86.7); SSBA's encoder (20 epochs of 10,000 images,
+  3,140 steps; the reference has ~15,600 on CIFAR-10) ends before its bit accuracy
+  reaches the 0.9 that switches the image loss on, which `bdjax attack` reports.
+
 ``smoke=True`` shrinks everything for tests (seconds, not minutes).
 """
 
@@ -91,6 +113,9 @@ def get_config(smoke: bool = False) -> dict:
         "dataset": "synthetic", "model": "small_cnn",
         "dataset_args": {},
         "train": TRAIN,
+        "attack_train": {"wanet": {"epochs": 60}},
+        "attacks": {"iab": {"mask_epochs": 5},
+                    "lc": {"robust_epochs": 10, "robust_steps": 3}},
         "defenses": {
             "fst": {"alpha": 0.02, "epochs": 30},
             "ft_sam": {"epochs": 20, "batch_size": 128, "lr": 0.02, "rho": 3.0},
