@@ -169,6 +169,9 @@ def attack_settings(args) -> tuple[str, str, dict, dict]:
     else:
         dataset = args.dataset or "synthetic"
         cfg = config.load(None, dataset=dataset, smoke=args.smoke)
+    from bdjax import attacks
+
+    config.check_attack_names(cfg, attacks.names())
     model = args.model or cfg["model"] or "small_cnn"
     flags = (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
     train = {**cfg["train"], **cfg["attack_train"].get(args.attack, {}),

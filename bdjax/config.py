@@ -87,14 +87,17 @@ def load(name_or_path: str | None, *, dataset: str | None = None, smoke: bool = 
                          f"accepted: {', '.join(SECTIONS + VALUES)}.")
     out = empty()
     out.update({k: dict(cfg.get(k) or {}) for k in SECTIONS})
-    from bdjax import attacks
-
-    for name in sorted(set(out["attack_train"]) | set(out["attacks"])):
-        if name not in attacks.names():
-            raise BdjaxError(f"config {str(where)!r} names unknown attack {name!r}; "
-                             f"accepted: {', '.join(attacks.names())}.")
     out.update({k: cfg.get(k) for k in VALUES})
     return out
+
+
+def check_attack_names(cfg: dict, known) -> None:
+    """One sentence for an unknown attack name in ``attacks`` or ``attack_train`` (the
+    caller passes ``bdjax.attacks.names()``: this module imports no jax)."""
+    for name in sorted(set(cfg.get("attack_train") or {}) | set(cfg.get("attacks") or {})):
+        if name not in known:
+            raise BdjaxError(f"the config names unknown attack {name!r}; accepted: "
+                             f"{', '.join(known)}.")
 
 
 def _module(name_or_path: str):

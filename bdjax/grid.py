@@ -39,7 +39,7 @@ import hashlib
 import itertools
 import json
 
-from bdjax import attacks, data, defenses, models
+from bdjax import attacks, config, data, defenses, models
 from bdjax.errors import BdjaxError, check_choice
 from bdjax.experiment import row_base
 from bdjax.records import row_key
@@ -206,6 +206,7 @@ def expand(cfg: dict) -> Grid:
         raise BdjaxError(f"sweep trials {trials!r} is invalid; accepted: an integer >= 1.")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise BdjaxError(f"sweep seed {seed!r} is invalid; accepted: an integer.")
+    config.check_attack_names(cfg, attacks.names())
     train = dict(cfg.get("train") or {})
     try:
         TrainConfig(**train)

@@ -163,7 +163,7 @@ def test_attack_train_changes_one_attacks_training(tmp_path):
     bad.write_text("def get_config(smoke=False):\n"
                    "    return {'attack_train': {'wannet': {'epochs': 9}}}\n")
     with pytest.raises(BdjaxError, match="unknown attack 'wannet'; accepted: .*wanet"):
-        config.load(str(bad))
+        attack_settings(_attack_args("--config", str(bad)))
 
 
 def test_shipped_configs_all_load(tmp_path):
