@@ -91,6 +91,11 @@ def test_resources_are_generated_once_and_reused(made):
     meta3, log3 = _attack(tmp, "lc", "lc-amplitude", amplitude=0.5)
     assert meta3["resources"]["adversarial"]["cache"] == runs["lc"][0]["resources"]["adversarial"]["cache"]
     assert not [line for line in log3 if "generating" in line or "training (" in line]
+    # SSBA's encoder depends on the data alone: its file is named by the dataset, not by
+    # the model, so every model's run finds it; Trojan's trigger is per model
+    assert pathlib.Path(runs["ssba"][0]["resources"]["encoder"]["cache"]).name.startswith(
+        "ssba-synthetic-") and "small_cnn" not in runs["ssba"][0]["resources"]["encoder"]["cache"]
+    assert "-synthetic-small_cnn-" in runs["trojan"][0]["resources"]["trigger"]["cache"]
 
 
 def test_generation_is_deterministic_from_the_seed(made, tmp_path):

@@ -110,7 +110,9 @@ def prepare(attack: Attack, *, ds, model, train_config, seed: int, directory,
     kw = dict(load_args=load_args, progress=progress, log=log)
 
     def cached(kind: str, make) -> tuple[str, str]:
-        file = f"{kind}-{ds.name}-{model.name}-{resources.digest(base)}.npz"
+        # the model's name only where the file depends on it: one SSBA encoder per dataset
+        owner = f"{ds.name}-{model.name}" if uses_model else ds.name
+        file = f"{kind}-{owner}-{resources.digest(base)}.npz"
         return resources.cached_arrays(directory, file, make, log=log)
 
     if name in ("lf", "trojan"):
