@@ -123,8 +123,10 @@ def test_the_dataset_config_chooses_the_model_and_training():
     assert (dataset, model, train["epochs"]) == ("cifar10", "preact_resnet18", 100)
     dataset, model, _, train = attack_settings(_attack_args())
     assert (dataset, model, train["epochs"]) == ("synthetic", "small_cnn", 20)
-    # WaNet's warp needs 60 epochs on the small CNN (configs/synthetic.py), the others 20
-    assert attack_settings(_attack_args("--attack", "wanet"))[3]["epochs"] == 60
+    # WaNet's warp needs 60 epochs on the small CNN, BPP and LF the reference's 100
+    # (configs/synthetic.py), the others 20
+    for attack, epochs in (("wanet", 60), ("bpp", 100), ("lf", 100), ("badnets", 20)):
+        assert attack_settings(_attack_args("--attack", attack))[3]["epochs"] == epochs
     _, model, _, train = attack_settings(_attack_args("--dataset", "cifar10", "--model",
                                                       "vgg19_bn", "--epochs", "3"))
     assert (model, train["epochs"]) == ("vgg19_bn", 3)
