@@ -85,8 +85,8 @@ seed):
   97.2/91.6 (seeds 0, 1, 2; its clean model trains the same 100 epochs); 20 epochs
   91.3/56.3, 40 94.8/80.2, 60 95.4/86.7 (seed 0).
 - iab: mask_epochs 5 [25], the CPU scaling of the attack's training (stage 1 costs ~150
-  s an epoch on 2 cores); 20 epochs 95.2/54.5, 60 epochs 98.2/69.9 (seed 0): the small
-  CNN has not learnt the generator's trigger. The reference classifier's constant lr
+  s an epoch on 2 cores); 20 epochs 95.2/54.5, 60 98.2/69.9, 100 98.2/72.9 (seed 0):
+  the small CNN has not learnt the generator's trigger. The reference classifier's constant lr
   0.01 (20 epochs) is worse, 82.1/65.9; G's eval-mode statistics are not the cause (its
   batch statistics give ASR 68.1 on that model).
 - lc: the robust model 10 epochs of PGD with 3 steps [the attack's epochs, 10 steps]
