@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +217,33 @@ def test_static_stamps_follow_the_trigger_contract():
         np.testing.assert_array_equal(
             np.asarray(jax.vmap(lambda im: attacks.get(name).stamp(im[None])[0])(imgs)), out)
     assert triggers.quantise(jnp.float32(255), 8) == 255
+
+
+def test_only_iab_batches_get_the_standard_augmentation_before_poisoning(monkeypatch):
+    """The reference loads WaNet's and BPP's batches with the test transform (their only
+    augmentation follows the poisoning) and IAB's with the training transform."""
+    from bdjax import models
+    from bdjax.train import TrainConfig
+
+    assert (control.hooks("wanet").pre_augment, control.hooks("bpp").pre_augment,
+            control.hooks("iab").pre_augment) == (False, False, True)
+    calls = []
+
+    def spy(images, key, *, flip=True, pad=4):
+        calls.append(images.shape)
+        return images
+
+    monkeypatch.setattr(control, "crop_flip", spy)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    y = (np.arange(16) % 10).astype(np.int32)
+    model = models.get("small_cnn")
+    plain = control.Hooks(poison=lambda ctx, p, s, f, xb, yb, k: (xb, yb, jnp.float32(0), s))
+    monkeypatch.setitem(control._HOOKS, "plain_test_hook", plain)
+    for atk, expected in ((attacks.get("bpp"), 0),
+                          (dataclasses.replace(attacks.get("badnets"), name="plain_test_hook"), 1)):
+        ctx = control.Batch(atk, 0.25, 10, flip=False)
+        calls.clear()
+        control.train_controlled(model, x, y, TrainConfig(epochs=1, batch_size=8, lr=0.01),
+                                 jax.random.key(0), ctx, progress=False, log=lambda m: None)
+        assert len(calls) == expected, (atk.name, calls)  # traced once per compiled epoch

@@ -2,12 +2,13 @@
 
 WaNet, BPP and Input-aware do not poison a fixed set of images before training; each
 training batch is poisoned afresh (a share relabelled to the target, a share of
-"cross"/"negative" samples that keep their labels, the rest clean) and then augmented
-again. This module is the one extension point for all of them: an attack supplies
-:class:`Hooks` (how to start, how to poison a batch, optionally trainable parameters of
-its own with an optimizer, and the arrays its test-time trigger needs), and
-:func:`train_controlled` runs bdjax's training loop (:func:`bdjax.train.fit_loop`) with
-:func:`control_step` in place of the plain step. Nothing else is copied per attack.
+"cross"/"negative" samples that keep their labels, the rest clean); WaNet's and BPP's
+batches are augmented only after the poisoning, IAB's only before. This module is the
+one extension point for all of them: an attack supplies :class:`Hooks` (how to start,
+how to poison a batch, optionally trainable parameters of its own with an optimizer, and
+the arrays its test-time trigger needs), and :func:`train_controlled` runs bdjax's
+training loop (:func:`bdjax.train.fit_loop`) with :func:`control_step` in place of the
+plain step. Nothing else is copied per attack.
 
 Inside a batch of ``B`` shuffled images the first ``n_bd`` are poisoned and the next
 ``n_cross`` are cross samples, as in the reference: ``n_bd = int(ratio * B)`` (when
@@ -25,8 +26,9 @@ Differences from the reference:
     tensor, so one crop and one rotation (and one coin for each) serve all 128 images,
     an accident of porting the original WaNet code (kornia, per image).
   - BPP's negatives take ``Q(x_j) - x_j`` from another image of the same shuffled batch
-    (a random training image, after its augmentation); the reference draws a random
-    image of the un-augmented training set. The hook sees one batch.
+    (a random training image); the reference draws a random image of the training
+    set (both un-augmented: WaNet's and BPP's batches get no augmentation before the
+    poisoning, :attr:`Hooks.pre_augment`). The hook sees one batch.
   - The warp's noise comes from ``grid_seed`` (numpy), not torch's global generator;
     test-time stamps round to integers where the reference truncates on saving.
 """
@@ -81,20 +83,27 @@ class Hooks:
 
     Attributes:
       poison: ``(ctx, params, state, fixed, x01, y, key) -> (x01, y, extra_loss,
-        state)``: the batch (floats in [0, 1], after the standard augmentation) poisoned
-        and re-augmented; ``extra_loss`` is added to the classifier's loss and
+        state)``: the batch (floats in [0, 1]; after the standard augmentation when
+        ``pre_augment``) poisoned and, where the attack does, re-augmented;
+        ``extra_loss`` is added to the classifier's loss and
         differentiated with respect to ``params``; the new ``state``.
       init: ``(ctx, key, x, y, log) -> (params, state, fixed)``; may train (IAB's mask
         net).
       tx: ``ctx -> optax transform`` for ``params`` (None: nothing trained).
       arrays: ``(ctx, params, state, fixed) -> {name: array}``, what the test-time
         trigger needs, saved beside the checkpoint (empty: the stamp needs nothing saved).
+      pre_augment: the batch gets the standard augmentation (random crop, flip) before
+        ``poison`` (when the run's ``TrainConfig.augment`` is on). The reference's IAB
+        loads its batches with the training transform; its WaNet and BPP swap in the
+        test transform ("here must replace the regular train transform with test
+        transform") and augment only after poisoning.
     """
 
     poison: Callable
     init: Callable = lambda ctx, key, x, y, log: ({}, {}, {})
     tx: Callable | None = None
     arrays: Callable = lambda ctx, params, state, fixed: {}
+    pre_augment: bool = True
 
 
 _HOOKS: dict[str, Hooks] = {}
@@ -171,14 +180,17 @@ def _bpp_poison(ctx: Batch, params, state, fixed, x, y, key):
     return post_augment(out, k_aug, flip=ctx.flip), y, jnp.float32(0), state
 
 
-register("wanet", Hooks(poison=_wanet_poison))
-register("bpp", Hooks(poison=_bpp_poison))
+# the reference loads WaNet's and BPP's batches with the test transform: the only
+# augmentation is the one after poisoning (post_augment)
+register("wanet", Hooks(poison=_wanet_poison, pre_augment=False))
+register("bpp", Hooks(poison=_bpp_poison, pre_augment=False))
 
 
 # ------------------------------------------------------------------------- the step
 def control_step(model: Model, tx, opts: StepOptions, ctx: Batch, hk: Hooks, aux_tx,
                  fixed, carry, opt_carry, x, y, key):
-    """One step of joint training: the standard augmentation, the attack's poisoning,
+    """One step of joint training: the standard augmentation (``opts.augment``), the
+    attack's poisoning,
     then one update of the classifier (``tx``) and of the attack's parameters
     (``aux_tx``) on the same loss. Returns (carry, opt_carry, loss, accuracy) with
     ``carry = (state, (attack params, attack state))`` and ``opt_carry`` the optimizer
@@ -234,7 +246,7 @@ def train_controlled(model: Model, x: np.ndarray, y: np.ndarray, config, key: ja
     aux, aux_state, fixed = hk.init(ctx, jax.random.fold_in(key, 2**31 - 1), x, y, log)
     tx = sgd(config.sgd, steps_per_epoch(len(x), config.batch_size), config.epochs)
     aux_tx = hk.tx(ctx) if hk.tx is not None else None
-    opts = StepOptions(augment=config.augment, flip=ctx.flip,
+    opts = StepOptions(augment=config.augment and hk.pre_augment, flip=ctx.flip,
                        label_smoothing=config.label_smoothing)
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y, jnp.int32)
     opt_carry = (tx.init(state["params"]), aux_tx.init(aux) if aux_tx is not None else ())
