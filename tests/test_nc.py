@@ -97,7 +97,7 @@ def test_vmapped_trials_equal_separate_runs_and_compile_once(backdoored, small_d
     together, _ = assert_vmap_matches_sequential(model, state, dfn, small_data, test,
                                                  spc=SPC, attack=attack)
     r = {k: np.asarray(v) for k, v in together.reports.items()}
-    assert r["l1_norm"].shape == (3, 10) and r["train_loss"].shape == (3, 2)
+    assert r["l1_norm"].shape == (2, 10) and r["train_loss"].shape == (2, 2)
     assert r["finetuned"].any() and (r["finetuned"] == r["flagged"].any(1)).all()
     assert (np.isfinite(r["train_loss"]).all(1) == r["finetuned"]).all()
 
