@@ -20,10 +20,10 @@ def small_data():
     return data.load("synthetic", seed=0, n_train=8000, n_test=1000)
 
 
-# `make test` sends whole files to its two workers (--dist loadfile) in collection order.
-# The longest files go first, so no worker is left with a long file at the end; the first
-# two do not both need the `backdoored` fixture, so one worker trains it while the other
-# runs the sweep tests.
+# `make test` sends whole files to its workers (--dist loadfile) in collection order.
+# The longest files go first, so no worker is left with a long file at the end; of the
+# first three only one needs the `backdoored` fixture, so one worker trains it while the
+# others run the sweep and attack-resource tests.
 _FIRST = ("test_npd.py", "test_sweep.py", "test_attack_resources.py", "test_iab.py",
           "test_nad_pbe.py", "test_ibau.py", "test_sau.py",
           "test_nc.py", "test_awm_mmbd.py", "test_anp_rnp.py",
@@ -33,7 +33,7 @@ _FIRST = ("test_npd.py", "test_sweep.py", "test_attack_resources.py", "test_iab.
 
 
 def pytest_configure(config):
-    """One XLA compilation cache for the whole run: the two workers, and the processes
+    """One XLA compilation cache for the whole run: the workers, and the processes
     the tests start (Ray's workers, `python -m bdjax`), reuse each other's compiled
     programs (measured: ~70 s of compile saved over a 19-minute run; more on the Ray
     test). The controlling process makes it and removes it at the end."""
