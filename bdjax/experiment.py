@@ -25,7 +25,7 @@ from bdjax import attacks, checkpoint, data, metrics, models
 from bdjax.attacks import resources
 from bdjax.data import DefenseData, defense_split
 from bdjax.defenses import Defense
-from bdjax.errors import BdjaxError, check_range
+from bdjax.errors import BdjaxError, check_choice, check_range
 from bdjax.kernels import logits_in_batches
 from bdjax.models import Model, State
 from bdjax.records import append_rows, device_name, jsonable, read_rows, row_key, versions
@@ -119,13 +119,17 @@ def run_attack(*, dataset: str = "synthetic", model: str = "small_cnn",
     from bdjax.attacks import control
     from bdjax.attacks.prepare import prepare
 
+    # the names, the attack's settings and the destination first: a typo is reported
+    # before the data is loaded
     load_args = {k: v for k, v in (dataset_args or {}).items() if v is not None}
-    ds = data.load(dataset, **load_args)
-    mdl = models.for_dataset(model, ds)
-    atk = attacks.get(attack, target=target, mode=mode, num_classes=ds.num_classes,
+    num_classes = data.info(dataset, **load_args)["num_classes"]
+    check_choice("model", model, models.names())
+    atk = attacks.get(attack, target=target, mode=mode, num_classes=num_classes,
                       **(attack_params or {}))
     out = pathlib.Path(out).expanduser().absolute()
     checkpoint.check_destination(out, overwrite)
+    ds = data.load(dataset, **load_args)
+    mdl = models.for_dataset(model, ds)
     res_dir = pathlib.Path(resources_dir or out.parent / resources.RESOURCE_DIR).absolute()
     atk = prepare(atk, ds=ds, model=mdl, train_config=train_config, seed=seed,
                   directory=res_dir, load_args=load_args, user_params=tuple(attack_params or ()),

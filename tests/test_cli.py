@@ -68,6 +68,21 @@ def test_bad_input_exits_2_with_one_sentence(argv, match, capsys, tmp_path, monk
     assert not (tmp_path / "X").exists()
 
 
+@pytest.mark.parametrize("argv", [["--attack", "nope"], ["--target", "12"], ["--model", "x"],
+                                  ["--param", "size=3", "--attack", "blended"], ["--out", "."]])
+def test_attack_rejects_bad_input_before_loading_the_data(argv, monkeypatch, tmp_path, capsys):
+    from bdjax import data
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the data was loaded before the input was checked")
+
+    monkeypatch.setattr(data, "load", loaded)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "not-a-checkpoint").touch()  # "." is a directory that is not a checkpoint
+    assert main(["attack", "--out", "X", *argv]) == 2
+    assert "error" in capsys.readouterr().err
+
+
 def test_defend_rejects_unknown_defense_and_bad_spc(smoke_ckpt, tmp_path, capsys):
     assert main(["defend", "--checkpoint", str(smoke_ckpt), "--defense", "magic", "--spc",
                  "10", "--out", str(tmp_path / "r.jsonl")]) == 2
