@@ -295,12 +295,16 @@ def test_vmap_matches_sequential_and_compiles_once(backdoored, small_data):
 
 
 def test_effect_halves_asr(backdoored, small_data):
-    """NPD with the shipped synthetic settings (configs/synthetic.py: the reference's 50
-    epochs, lambdas 0.4) at SPC 100, one trial (~2 minutes on 2 cores; the vmap test
-    above covers several). Measured: ACC 90.7% -> 88.7%, ASR 93.1% -> 0.8% (trial 1:
-    87.0%, 1.7%)."""
+    """NPD with the shipped synthetic settings (configs/synthetic.py: lambdas 0.4) but 20
+    epochs instead of the reference's 50 (the test's time: 50 took ~75 s of the suite) at
+    SPC 100, one trial (the vmap test above covers several). Measured over trials 0/1 on
+    the fixture (ACC 84.3%, ASR 96.0%): 15 epochs ACC 80.5/81.1%, ASR 32.9/28.7%; 25
+    epochs 85.0/83.9%, 17.3/15.8%. On a fixture trained from other keys (poison 11, train
+    12; ACC 88.4%, ASR 95.9%): 15 epochs 84.1/83.8%, 29.8/8.9%; 25 epochs 86.7/85.6%,
+    17.7/8.3%."""
     model, state, _, test = backdoored
-    run, _ = assert_halves_asr(model, state, shipped("npd"), small_data, test, trials=(0,))
+    run, _ = assert_halves_asr(model, state, shipped("npd", epochs=20), small_data, test,
+                               trials=(0,))
     # The outer problem is being solved: the Eq. (5) loss falls over the main epochs.
     loss = np.asarray(run.reports["train_loss"])
     assert (loss[:, -1] < loss[:, 0]).all(), loss
