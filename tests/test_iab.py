@@ -204,6 +204,40 @@ def test_generator_optimizer_is_the_references_adam():
     assert control.hooks("iab").tx is not None
 
 
+def _first_steps(tx, n):
+    """How far Adam moves a weight in each of its first ``n`` steps under a constant
+    gradient (its normalised step is 1 then, so the move is the step's lr)."""
+    params, state, out = {"w": jnp.zeros(())}, None, []
+    state = tx.init(params)
+    for _ in range(n):
+        upd, state = tx.update({"w": jnp.ones(())}, state, params)
+        out.append(-float(upd["w"]))
+    return np.asarray(out)
+
+
+def test_generator_lr_follows_the_classifiers_schedule():
+    """By default G's lr is lr_g times the classifier's lr over its peak (the reference's
+    fixed ratio of the two); ``lr_g_schedule=constant`` keeps lr_g; a constant
+    classifier schedule leaves G at lr_g either way."""
+    from bdjax.kernels import SGDConfig
+
+    cos = SGDConfig(lr=0.05, schedule="cosine", unit="batch")
+    frac = control.lr_fraction(cos, 2, 2)  # 4 updates in all
+    np.testing.assert_allclose([float(frac(c)) for c in range(5)],
+                               [(1 + np.cos(np.pi * c / 4)) / 2 for c in range(5)], rtol=1e-6)
+    assert control.lr_fraction(SGDConfig(lr=0.05, schedule="constant"), 2, 2) == 1.0
+
+    ctx = lambda **p: control.Batch(attacks.get("iab", **p), 0.1, 10, False)  # noqa: E731
+    hk = control.hooks("iab")
+    want = 0.01 * np.asarray([(1 + np.cos(np.pi * c / 4)) / 2 for c in range(4)])
+    np.testing.assert_allclose(_first_steps(hk.tx(ctx(), frac), 4), want, rtol=1e-4)
+    np.testing.assert_allclose(_first_steps(hk.tx(ctx(lr_g_schedule="constant"), frac), 4),
+                               [0.01] * 4, rtol=1e-4)
+    np.testing.assert_allclose(_first_steps(hk.tx(ctx(), 1.0), 4), [0.01] * 4, rtol=1e-4)
+    with pytest.raises(BdjaxError, match="'cosine'.*accepted: classifier, constant"):
+        hk.tx(ctx(lr_g_schedule="cosine"), frac)
+
+
 def optax_apply(params, updates):
     return jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
 

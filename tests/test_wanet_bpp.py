@@ -247,3 +247,35 @@ def test_only_iab_batches_get_the_standard_augmentation_before_poisoning(monkeyp
         control.train_controlled(model, x, y, TrainConfig(epochs=1, batch_size=8, lr=0.01),
                                  jax.random.key(0), ctx, progress=False, log=lambda m: None)
         assert len(calls) == expected, (atk.name, calls)  # traced once per compiled epoch
+
+
+@pytest.mark.parametrize("schedule, moved", [("cosine", 2.5), ("constant", 4.0)])
+def test_attack_optimizer_gets_the_classifiers_schedule(monkeypatch, schedule, moved):
+    """``Hooks.tx`` gets the classifier's lr over its peak (IAB's G follows it): an attack
+    parameter with a unit gradient each update moves by lr times the sum of the
+    fractions, here 4 updates of a per-batch cosine, 1 + 0.854 + 0.5 + 0.146."""
+    import optax
+
+    from bdjax import models
+    from bdjax.train import TrainConfig
+
+    def poison(ctx, p, s, f, xb, yb, k):
+        return xb, yb, p["w"], s
+
+    def tx(ctx, scale):
+        return optax.sgd(lambda c: 0.1 * scale(c)) if callable(scale) else optax.sgd(0.1 * scale)
+
+    hook = control.Hooks(poison=poison, init=lambda ctx, key, x, y, log: ({"w": 0.0}, {}, {}),
+                         tx=tx, arrays=lambda ctx, p, s, f: {"w": p["w"]})
+    monkeypatch.setitem(control._HOOKS, "scheduled_test_hook", hook)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    y = (np.arange(16) % 10).astype(np.int32)
+    ctx = control.Batch(dataclasses.replace(attacks.get("badnets"), name="scheduled_test_hook"),
+                        0.25, 10, flip=False)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, schedule=schedule, schedule_unit="batch",
+                      t_max=0)
+    _, _, arrays = control.train_controlled(models.get("small_cnn"), x, y, cfg,
+                                            jax.random.key(0), ctx, progress=False,
+                                            log=lambda m: None)
+    np.testing.assert_allclose(float(arrays["w"]), -0.1 * moved, rtol=1e-5)

@@ -51,7 +51,8 @@ _REGISTRY = {
                                     "grid_seed": 0}, control=True),
     "iab": _Spec(learned.iab, {"cross_ratio": 1.0, "mask_density": 0.032, "lambda_div": 1.0,
                                "lambda_norm": 100.0, "mask_epochs": 25, "lr_g": 0.01,
-                               "lr_m": 0.01, "generator": None, "generator_sha256": None},
+                               "lr_g_schedule": "classifier", "lr_m": 0.01,
+                               "generator": None, "generator_sha256": None},
                  control=True, files=("generator",)),
     # resource_seed: the key of the generated resource (one per dataset and model, as
     # the reference ships one file per pair), independent of the attack's seed; the

@@ -48,6 +48,7 @@ from bdjax import metrics
 from bdjax.attacks import triggers, warp
 from bdjax.kernels import StepOptions, scan_epoch, sgd, steps_per_epoch, to_unit
 from bdjax.kernels.augment import crop_flip, post_augment
+from bdjax.kernels.optim import lr_schedule
 from bdjax.kernels.steps import cross_entropy
 from bdjax.models import Model
 
@@ -89,7 +90,10 @@ class Hooks:
         differentiated with respect to ``params``; the new ``state``.
       init: ``(ctx, key, x, y, log) -> (params, state, fixed)``; may train (IAB's mask
         net).
-      tx: ``ctx -> optax transform`` for ``params`` (None: nothing trained).
+      tx: ``(ctx, scale) -> optax transform`` for ``params`` (None: nothing trained);
+        ``scale`` is the classifier's learning-rate schedule relative to its peak (a
+        ``count -> fraction`` function, or 1.0 for a constant lr), for an attack whose
+        own lr should follow it (IAB's generator).
       arrays: ``(ctx, params, state, fixed) -> {name: array}``, what the test-time
         trigger needs, saved beside the checkpoint (empty: the stamp needs nothing saved).
       pre_augment: the batch gets the standard augmentation (random crop, flip) before
@@ -221,6 +225,15 @@ def control_step(model: Model, tx, opts: StepOptions, ctx: Batch, hk: Hooks, aux
             (opt_state, aux_opt), loss, acc)
 
 
+def lr_fraction(cfg, steps_per_epoch: int, epochs: int):
+    """The classifier's lr relative to its peak: ``count -> lr(count) / cfg.lr`` for a
+    cosine schedule, 1.0 for a constant one (or a zero peak)."""
+    lr = lr_schedule(cfg, steps_per_epoch, epochs)
+    if not callable(lr) or cfg.lr == 0:
+        return 1.0
+    return lambda count: lr(count) / cfg.lr
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6), donate_argnums=(8, 9))
 def _epoch(model, tx, opts, batch_size, ctx, hk, aux_tx, fixed, carry, opt_carry, x, y, key):
     step = functools.partial(control_step, model, tx, opts, ctx, hk, aux_tx, fixed)
@@ -244,8 +257,10 @@ def train_controlled(model: Model, x: np.ndarray, y: np.ndarray, config, key: ja
     hk = hooks(ctx.attack.name)
     state = model.init(jax.random.fold_in(key, 0))
     aux, aux_state, fixed = hk.init(ctx, jax.random.fold_in(key, 2**31 - 1), x, y, log)
-    tx = sgd(config.sgd, steps_per_epoch(len(x), config.batch_size), config.epochs)
-    aux_tx = hk.tx(ctx) if hk.tx is not None else None
+    spe = steps_per_epoch(len(x), config.batch_size)
+    tx = sgd(config.sgd, spe, config.epochs)
+    aux_tx = (hk.tx(ctx, lr_fraction(config.sgd, spe, config.epochs))
+              if hk.tx is not None else None)
     opts = StepOptions(augment=config.augment and hk.pre_augment, flip=ctx.flip,
                        label_smoothing=config.label_smoothing)
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y, jnp.int32)
@@ -264,5 +279,5 @@ def train_controlled(model: Model, x: np.ndarray, y: np.ndarray, config, key: ja
     return state, history, {k: np.asarray(v) for k, v in arrays.items()}
 
 
-__all__ = ["Batch", "Hooks", "control_step", "hooks", "poison_count", "positions",
+__all__ = ["Batch", "Hooks", "control_step", "hooks", "lr_fraction", "poison_count", "positions",
            "register", "train_controlled"]

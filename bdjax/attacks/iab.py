@@ -17,7 +17,11 @@ reference (BackdoorBench ``attack/inputaware.py`` with
    target, the next ``n_cross`` become cross samples ``x1 + (G(x2) - x1) M(x2)`` (``x2``
    another image of the batch) keeping ``x1``'s label, the rest stay clean; G gets the
    classifier's loss plus ``lambda_div * D`` on the patterns. G's Adam: ``lr_g`` (0.01,
-   betas (0.5, 0.9), constant: the reference's milestones start at epoch 200).
+   betas (0.5, 0.9)) times the classifier's schedule relative to its peak
+   (``lr_g_schedule = "classifier"``; ``"constant"`` keeps it at ``lr_g``). In the
+   reference both lrs stay constant through its 100 epochs (their milestones start at
+   epochs 100 and 200), so G's lr is a fixed multiple of the classifier's; following the
+   classifier's schedule keeps that relation under bdjax's cosine.
 
 Both nets see images normalised with the training set's per-channel mean and std, as
 the reference's (whose data loaders normalise); the blend itself is affine per channel,
@@ -45,7 +49,7 @@ import numpy as np
 import optax
 
 from bdjax.attacks import control, resources
-from bdjax.errors import BdjaxError, check_range
+from bdjax.errors import BdjaxError, check_choice, check_range
 from bdjax.kernels.augment import crop_flip
 from bdjax.kernels.steps import batch_indices, steps_per_epoch, to_unit
 from bdjax.models.inits import torch_bias, torch_default
@@ -57,6 +61,7 @@ BN_EPS = 1e-5
 WIDTHS = (32, 64, 128)  # the reference's non-MNIST generator
 MASK_MILESTONES = (10, 20)  # schedulerM_milestones, gamma 0.1
 MASK_BATCH = 128  # the reference's batch size for the mask stage
+LR_G_SCHEDULES = ("classifier", "constant")  # G's lr: follows the classifier's, or fixed
 _STAMP_CHUNK = 256  # images per generator call at test time (bounds memory)
 
 
@@ -306,11 +311,13 @@ def _settings(p: dict) -> dict:
     check_range("lambda_norm", float(p["lambda_norm"]), 0, math.inf)
     check_range("lr_g", float(p["lr_g"]), 0, math.inf, low_open=True)
     check_range("lr_m", float(p["lr_m"]), 0, math.inf, low_open=True)
+    check_choice("lr_g_schedule", p["lr_g_schedule"], LR_G_SCHEDULES)
     epochs = p["mask_epochs"]
     if int(epochs) != epochs or epochs < 0:
         raise BdjaxError(f"mask_epochs {epochs!r} is invalid; accepted: an integer >= 0.")
     return {k: float(p[k]) for k in ("cross_ratio", "mask_density", "lambda_div",
-                                     "lambda_norm", "lr_g", "lr_m")} | {"mask_epochs": int(epochs)}
+                                     "lambda_norm", "lr_g", "lr_m")} | {
+        "mask_epochs": int(epochs), "lr_g_schedule": p["lr_g_schedule"]}
 
 
 def mask_tx(lr_m, steps: int):
@@ -556,10 +563,18 @@ def poison_batch(ctx: control.Batch, params, state, fixed, x, y, key):
     return poison_parts(ctx, {"params": params, "batch_stats": state}, fixed, x, y, key)
 
 
-def generator_tx(lr_g: float):
-    """G's optimizer: Adam(lr_g, betas (0.5, 0.9), eps 1e-8, as PyTorch's), constant
-    lr, on G's ``params`` (its running statistics are the hook's state)."""
-    return optax.adam(lr_g, b1=0.5, b2=0.9)
+def generator_tx(lr_g: float, scale=1.0):
+    """G's optimizer: Adam(betas (0.5, 0.9), eps 1e-8, as PyTorch's) on G's ``params``
+    (its running statistics are the hook's state).
+
+    Args:
+      lr_g: G's peak learning rate.
+      scale: 1.0 (a constant lr) or a ``count -> fraction`` schedule (the classifier's
+        relative to its peak, :func:`bdjax.attacks.control.lr_fraction`): G's lr at
+        update ``count`` is ``lr_g * scale(count)``.
+    """
+    lr = (lambda count: lr_g * scale(count)) if callable(scale) else lr_g * scale
+    return optax.adam(lr, b1=0.5, b2=0.9)
 
 
 def init_attack(ctx: control.Batch, key: jax.Array, x, y, log=print):
@@ -610,6 +625,13 @@ def init_attack(ctx: control.Batch, key: jax.Array, x, y, log=print):
         SGD schedule); the reference's classifier SGD keeps lr 0.01 (MultiStepLR
         milestones from epoch 100). Like the reference, no extra augmentation follows
         the poisoning (its ``random_crop``/``random_rotation`` settings are unused).
+      - G's lr follows the classifier's schedule (``lr_g_schedule = "classifier"``,
+        the default): ``lr_g`` times the classifier's lr over its peak. The reference
+        keeps both constant for its 100 epochs, so G's lr is a fixed multiple of the
+        classifier's there and the two are the same under a constant schedule. Under
+        bdjax's cosine a constant G keeps moving the trigger while the classifier's lr
+        reaches 0 (synthetic data, small CNN, seed 0, 20 epochs: ASR 54.5 with G
+        constant, 62.6 following). ``"constant"`` is the reference's literal setting.
       - Stage 1's per-epoch evaluation on the test set (logging only) is not run.
       - Test-time rounding: see :func:`stamp`.
     """
@@ -697,8 +719,9 @@ def stamp(tree: dict, images_uint8):
     return jnp.clip(jnp.round(out * 255.0), 0, 255).astype(jnp.uint8)
 
 
-def _hooks_tx(ctx):
-    return generator_tx(_settings(ctx.params)["lr_g"])
+def _hooks_tx(ctx, scale):
+    s = _settings(ctx.params)
+    return generator_tx(s["lr_g"], scale if s["lr_g_schedule"] == "classifier" else 1.0)
 
 
 control.register("iab", control.Hooks(poison=poison_batch, init=init_attack, tx=_hooks_tx,

@@ -78,18 +78,23 @@ def cosine_schedule(lr: float, steps_per_epoch: int, epochs: int, unit: str, t_m
     return schedule
 
 
+def lr_schedule(cfg: SGDConfig, steps_per_epoch: int, epochs: int):
+    """``cfg``'s learning rate: a ``count -> lr`` function for the cosine, the float
+    ``cfg.lr`` for a constant one (optax accepts either)."""
+    if cfg.schedule == "cosine":
+        return cosine_schedule(cfg.lr, steps_per_epoch, epochs, cfg.unit, cfg.t_max)
+    return cfg.lr
+
+
 def sgd(cfg: SGDConfig, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
     """The optax transformation for ``cfg`` over ``epochs`` of ``steps_per_epoch``
     updates (the optimizer's step count drives the schedule)."""
-    if cfg.schedule == "cosine":
-        lr = cosine_schedule(cfg.lr, steps_per_epoch, epochs, cfg.unit, cfg.t_max)
-    else:
-        lr = cfg.lr
+    lr = lr_schedule(cfg, steps_per_epoch, epochs)
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                        optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
 
 
-__all__ = ["SGDConfig", "sgd", "cosine_schedule", "SCHEDULES", "UNITS"]
+__all__ = ["SGDConfig", "sgd", "cosine_schedule", "lr_schedule", "SCHEDULES", "UNITS"]
 
 
 class TorchAdamState(NamedTuple):
