@@ -36,6 +36,30 @@ def test_batch_indices_cover_every_image_once_per_epoch():
     assert idx.shape == (3, 4) and set(idx.ravel()) == set(range(10))
 
 
+def test_scan_epoch_partner_stream_is_a_second_independent_shuffle():
+    """``partners``: the step also gets the same batch position of a second shuffle
+    (IAB's second data loader): every image once per epoch, another order, and the
+    first stream and the step keys exactly as without it."""
+    from bdjax.kernels import scan_epoch
+
+    x, y = jnp.arange(10, dtype=jnp.int32), jnp.zeros(10, jnp.int32)
+
+    def collect(partners):
+        def step(rows, i, xb, yb, k, *x2b):  # records each batch as a row of the state
+            row = jnp.concatenate([xb, jax.random.key_data(k).astype(jnp.int32), *x2b])
+            return rows.at[i].set(row), i + 1, jnp.float32(0), jnp.float32(0)
+        width = 4 + 2 + (4 if partners else 0)  # batch, key data, partner batch
+        rows, _, _, _ = scan_epoch(step, 4, jnp.zeros((3, width), jnp.int32), jnp.int32(0),
+                                   x, y, jax.random.key(3), partners=partners)
+        return np.asarray(rows)
+
+    plain, both = collect(False), collect(True)
+    np.testing.assert_array_equal(both[:, :6], plain)  # batches and step keys unchanged
+    first, second = both[:, :4].ravel(), both[:, 6:].ravel()
+    assert sorted(second[:10]) == list(range(10))  # every image once (then the fill)
+    assert not np.array_equal(first, second)
+
+
 def test_training_learns_and_is_reproducible(small_data):
     ds = small_data
     model = models.for_dataset("small_cnn", ds)

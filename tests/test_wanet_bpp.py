@@ -279,3 +279,31 @@ def test_attack_optimizer_gets_the_classifiers_schedule(monkeypatch, schedule, m
                                             jax.random.key(0), ctx, progress=False,
                                             log=lambda m: None)
     np.testing.assert_allclose(float(arrays["w"]), -0.1 * moved, rtol=1e-5)
+
+
+def test_partner_hook_gets_a_second_pass_over_the_training_set(monkeypatch):
+    """``Hooks.partners``: ``poison`` gets ``x2``, a second shuffle of the training
+    images in [0, 1], each image once per epoch (16 images, 2 batches of 8: no fill);
+    a hook without the flag gets no ``x2``."""
+    from bdjax import models
+    from bdjax.train import TrainConfig
+
+    def poison(ctx, p, s, f, xb, yb, k, x2):
+        return xb, yb, jnp.float32(0), {"sum": s["sum"] + jnp.sum(x2),
+                                        "same": s["same"] + jnp.all(x2 == xb)}
+
+    hook = control.Hooks(poison=poison, partners=True,
+                         init=lambda ctx, key, x, y, log: ({}, {"sum": 0.0, "same": 0}, {}),
+                         arrays=lambda ctx, p, s, f: s)
+    monkeypatch.setitem(control._HOOKS, "partner_test_hook", hook)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    y = (np.arange(16) % 10).astype(np.int32)
+    ctx = control.Batch(dataclasses.replace(attacks.get("badnets"), name="partner_test_hook"),
+                        0.25, 10, flip=False)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.01, augment=False)
+    _, _, arrays = control.train_controlled(models.get("small_cnn"), x, y, cfg,
+                                            jax.random.key(0), ctx, progress=False,
+                                            log=lambda m: None)
+    np.testing.assert_allclose(float(arrays["sum"]), x.sum() / 255.0, rtol=1e-5)
+    assert int(arrays["same"]) < 2  # not the batch itself

@@ -87,7 +87,8 @@ class Hooks:
         state)``: the batch (floats in [0, 1]; after the standard augmentation when
         ``pre_augment``) poisoned and, where the attack does, re-augmented;
         ``extra_loss`` is added to the classifier's loss and
-        differentiated with respect to ``params``; the new ``state``.
+        differentiated with respect to ``params``; the new ``state``. With
+        ``partners`` it gets ``x2=`` as well: the partner batch, floats in [0, 1].
       init: ``(ctx, key, x, y, log) -> (params, state, fixed)``; may train (IAB's mask
         net).
       tx: ``(ctx, scale) -> optax transform`` for ``params`` (None: nothing trained);
@@ -101,6 +102,10 @@ class Hooks:
         loads its batches with the training transform; its WaNet and BPP swap in the
         test transform ("here must replace the regular train transform with test
         transform") and augment only after poisoning.
+      partners: ``poison`` also gets a partner batch: the same position of a second,
+        independent shuffle of the training set
+        (:func:`bdjax.kernels.steps.scan_epoch`), augmented like the batch with its
+        own draws (IAB's second data loader, its cross samples' sources).
     """
 
     poison: Callable
@@ -108,6 +113,7 @@ class Hooks:
     tx: Callable | None = None
     arrays: Callable = lambda ctx, params, state, fixed: {}
     pre_augment: bool = True
+    partners: bool = False
 
 
 _HOOKS: dict[str, Hooks] = {}
@@ -192,22 +198,23 @@ register("bpp", Hooks(poison=_bpp_poison, pre_augment=False))
 
 # ------------------------------------------------------------------------- the step
 def control_step(model: Model, tx, opts: StepOptions, ctx: Batch, hk: Hooks, aux_tx,
-                 fixed, carry, opt_carry, x, y, key):
+                 fixed, carry, opt_carry, x, y, key, x2=None):
     """One step of joint training: the standard augmentation (``opts.augment``), the
-    attack's poisoning,
-    then one update of the classifier (``tx``) and of the attack's parameters
-    (``aux_tx``) on the same loss. Returns (carry, opt_carry, loss, accuracy) with
-    ``carry = (state, (attack params, attack state))`` and ``opt_carry`` the optimizer
-    states of the classifier and the attack params."""
+    attack's poisoning, then one update of the classifier (``tx``) and of the attack's
+    parameters (``aux_tx``) on the same loss. Returns (carry, opt_carry, loss, accuracy)
+    with ``carry = (state, (attack params, attack state))`` and ``opt_carry`` the
+    optimizer states of the classifier and the attack params. ``x2``: the partner
+    batch (:attr:`Hooks.partners`), augmented with ``fold_in(k_aug, 1)``."""
     state, (aux, aux_state) = carry
     opt_state, aux_opt = opt_carry
     k_aug, k_poison, k_drop = jax.random.split(key, 3)
-    xb = crop_flip(x, k_aug, flip=opts.flip) if opts.augment else x
-    xb = to_unit(xb)
+    prep = lambda v, k: to_unit(crop_flip(v, k, flip=opts.flip) if opts.augment else v)  # noqa: E731
+    xb = prep(x, k_aug)
+    kw = {} if x2 is None else {"x2": prep(x2, jax.random.fold_in(k_aug, 1))}
 
     def loss_fn(params, aux_params):
         xp, yp, extra, new_aux_state = hk.poison(ctx, aux_params, aux_state, fixed, xb, y,
-                                                 k_poison)
+                                                 k_poison, **kw)
         variables = {"params": params, "batch_stats": state["batch_stats"]}
         logits, new_bs = model.apply(variables, xp, train=True, key=k_drop)
         loss = cross_entropy(logits, yp, opts.label_smoothing) + extra
@@ -237,7 +244,7 @@ def lr_fraction(cfg, steps_per_epoch: int, epochs: int):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6), donate_argnums=(8, 9))
 def _epoch(model, tx, opts, batch_size, ctx, hk, aux_tx, fixed, carry, opt_carry, x, y, key):
     step = functools.partial(control_step, model, tx, opts, ctx, hk, aux_tx, fixed)
-    return scan_epoch(step, batch_size, carry, opt_carry, x, y, key)
+    return scan_epoch(step, batch_size, carry, opt_carry, x, y, key, partners=hk.partners)
 
 
 def train_controlled(model: Model, x: np.ndarray, y: np.ndarray, config, key: jax.Array,

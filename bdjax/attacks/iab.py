@@ -15,13 +15,14 @@ reference (BackdoorBench ``attack/inputaware.py`` with
    (:func:`poison_batch`, the :class:`bdjax.attacks.control.Hooks` ``poison``): the
    first ``n_bd`` images of a batch become ``x + (G(x) - x) M(x)`` labelled with the
    target, the next ``n_cross`` become cross samples ``x1 + (G(x2) - x1) M(x2)`` (``x2``
-   another image of the batch) keeping ``x1``'s label, the rest stay clean; G gets the
-   classifier's loss plus ``lambda_div * D`` on the patterns. G's Adam: ``lr_g`` (0.01,
-   betas (0.5, 0.9)) times the classifier's schedule relative to its peak
-   (``lr_g_schedule = "classifier"``; ``"constant"`` keeps it at ``lr_g``). In the
-   reference both lrs stay constant through its 100 epochs (their milestones start at
-   epochs 100 and 200), so G's lr is a fixed multiple of the classifier's; following the
-   classifier's schedule keeps that relation under bdjax's cosine.
+   the image at the same position of a second, independent shuffle of the training
+   set, :attr:`bdjax.attacks.control.Hooks.partners`) keeping ``x1``'s label, the rest
+   stay clean; G gets the classifier's loss plus ``lambda_div * D`` on the patterns.
+   G's Adam: ``lr_g`` (0.01, betas (0.5, 0.9)) times the classifier's schedule relative
+   to its peak (``lr_g_schedule = "classifier"``; ``"constant"`` keeps it at ``lr_g``).
+   In the reference both lrs stay constant through its 100 epochs (their milestones
+   start at epochs 100 and 200), so G's lr is a fixed multiple of the classifier's;
+   following the classifier's schedule keeps that relation under bdjax's cosine.
 
 Both nets see images normalised with the training set's per-channel mean and std, as
 the reference's (whose data loaders normalise); the blend itself is affine per channel,
@@ -474,27 +475,13 @@ def counts(ratio: float, batch: int, cross_ratio: float) -> tuple[int, int, int,
     return n_bd, n_cross, n_g2, min(n_bd, n_g2)
 
 
-def partners(key: jax.Array, batch: int):
-    """For each position of a batch, the index of another image of it (a random cyclic
-    derangement: no image is its own partner when ``batch > 1``).
-
-    Args:
-      key: the permutation's key.
-      batch: the batch size.
-
-    Returns:
-      int32 [batch] indices.
-    """
-    perm = jax.random.permutation(key, batch)
-    return jnp.zeros(batch, jnp.int32).at[perm].set(jnp.roll(perm, -1).astype(jnp.int32))
-
-
-def poison_parts(ctx: control.Batch, params, fixed, x, y, key):
+def poison_parts(ctx: control.Batch, params, fixed, x, y, key, x2):
     """The stage-2 batch and what G's update needs (the body of :func:`poison_batch`).
 
     The first ``n_bd`` images become ``x + (G(x) - x) M(x)`` with the target label, the
-    next ``n_cross`` ``x1 + (G(x2) - x1) M(x2)`` with their own label (``x2`` a random
-    other image of the batch, :func:`partners`), the rest stay clean. G runs in train
+    next ``n_cross`` ``x1 + (G(x2) - x1) M(x2)`` with their own label (``x2`` the partner
+    batch at the same positions, as the reference's ``inputs2[num_bd : num_bd +
+    num_cross]``), the rest stay clean. G runs in train
     mode (batch statistics of each slice: the reference calls it once on the poisoned
     images, then once on the cross sources), M in eval mode.
 
@@ -504,8 +491,10 @@ def poison_parts(ctx: control.Batch, params, fixed, x, y, key):
       fixed: ``{"mask": M's variables, "mean", "std"}``.
       x: float [B, H, W, C] in [0, 1] (after the standard augmentation).
       y: int [B] labels.
-      key: the batch's key (poison count from its first split half, partners from the
-        second).
+      key: the batch's key (the poison count when ``ratio * B < 1``).
+      x2: float [B, H, W, C] in [0, 1], the partner batch (a second shuffle of the
+        training set, augmented with its own draws; the cross sources and the
+        diversity partners of the poisoned images).
 
     Returns:
       (images in [0, 1], labels, ``lambda_div * diversity`` of the patterns, G's new BN
@@ -515,9 +504,7 @@ def poison_parts(ctx: control.Batch, params, fixed, x, y, key):
     p = ctx.params
     b, _, _, c = x.shape
     n_bd, n_cross, n_g2, n_div = counts(ctx.ratio, b, float(p["cross_ratio"]))
-    k_n, k_pair = jax.random.split(key)
-    active = control.poison_count(ctx.ratio, b, k_n) > 0
-    x2 = x[partners(k_pair, b)]
+    active = control.poison_count(ctx.ratio, b, key) > 0
     xn, x2n = _normalize(x, fixed), _normalize(x2, fixed)
     g = lambda v, s: _apply_train({"params": params["params"], "batch_stats": s}, v, c)  # noqa: E731
 
@@ -527,7 +514,7 @@ def poison_parts(ctx: control.Batch, params, fixed, x, y, key):
         pat1, pat2 = pats[0], pats[1]
     else:
         pat1, stats = g(xn[:n_bd], params["batch_stats"])
-        if n_g2:  # (a batch of one image has no partners)
+        if n_g2:  # (a batch of one image has no room for cross samples)
             pat2, stats = g(x2n[n_bd:n_bd + n_g2], stats)
     # M in eval mode is per image: one pass for the poisoned images and the cross sources
     masks = threshold(_apply_eval(fixed["mask"], jnp.concatenate(
@@ -549,18 +536,18 @@ def poison_parts(ctx: control.Batch, params, fixed, x, y, key):
             jnp.where(active, float(p["lambda_div"]) * div, 0.0).astype(jnp.float32), stats)
 
 
-def poison_batch(ctx: control.Batch, params, state, fixed, x, y, key):
+def poison_batch(ctx: control.Batch, params, state, fixed, x, y, key, x2):
     """The stage-2 batch: :class:`bdjax.attacks.control.Hooks` ``poison``.
 
     Args:
-      ctx, fixed, x, y, key: as :func:`poison_parts`.
+      ctx, fixed, x, y, key, x2: as :func:`poison_parts`.
       params: G's ``params``; state: G's ``batch_stats`` (the hook's state).
 
     Returns:
       (images, labels, ``lambda_div * diversity`` (its gradient trains G), G's new
       running statistics).
     """
-    return poison_parts(ctx, {"params": params, "batch_stats": state}, fixed, x, y, key)
+    return poison_parts(ctx, {"params": params, "batch_stats": state}, fixed, x, y, key, x2)
 
 
 def generator_tx(lr_g: float, scale=1.0):
@@ -601,9 +588,9 @@ def init_attack(ctx: control.Batch, key: jax.Array, x, y, log=print):
       (BackdoorBench ``attack/inputaware.py``, ``config/attack/inputaware/default.yaml``).
 
     Differences from the reference:
-      - Partners: the cross sources and diversity partners ``x2`` are other images of the
-        same batch (a random derangement); the reference draws them from a second,
-        independently shuffled loader over the training set. The hook sees one batch.
+      - Partners: the cross sources and diversity partners ``x2`` come from a second,
+        independent shuffle of the training set, as the reference's second loader, but
+        drawn from the epoch's key (``fold_in``), not torch's global generator.
       - Normalisation: G and M see images normalised with the training set's own
         per-channel mean and std (the hooks do not know the dataset's name); for
         CIFAR-10 these are the reference's constants up to rounding.
@@ -725,9 +712,9 @@ def _hooks_tx(ctx, scale):
 
 
 control.register("iab", control.Hooks(poison=poison_batch, init=init_attack, tx=_hooks_tx,
-                                      arrays=arrays))
+                                      arrays=arrays, partners=True))
 
 __all__ = ["InputAwareNet", "TorchBatchNorm", "arrays", "counts", "data_stats",
-           "diversity", "generator_tx", "init_attack", "init_nets", "mask_tx", "partners",
+           "diversity", "generator_tx", "init_attack", "init_nets", "mask_tx",
            "poison_batch", "poison_parts", "squash", "stamp", "threshold", "train_mask",
            "upsample2"]

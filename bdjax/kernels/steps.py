@@ -125,20 +125,30 @@ def train_step(model: Model, tx: optax.GradientTransformation, opts: StepOptions
     return {**state, "params": params, "batch_stats": new_bs}, opt_state, loss, acc
 
 
-def scan_epoch(step: Callable, batch_size: int, state: State, opt_state, x, y, key):
+def scan_epoch(step: Callable, batch_size: int, state: State, opt_state, x, y, key, *,
+               partners: bool = False):
     """One shuffled pass over (x, y) inside ``lax.scan`` with any
     ``step(state, opt_state, xb, yb, key) -> (state, opt_state, loss, accuracy)``;
-    returns the final (state, opt_state) and the epoch's mean loss and accuracy."""
+    returns the final (state, opt_state) and the epoch's mean loss and accuracy.
+
+    With ``partners`` the step gets a sixth argument, the images of the same batch
+    position in a second, independent shuffle of ``x`` (from ``fold_in(k_perm, 1)``, the
+    first shuffle's key ``k_perm``; the rest of the keys are unchanged), as a second
+    data loader zipped with the first would give.
+    """
     k_perm, k_steps = jax.random.split(key)
     idx = batch_indices(k_perm, x.shape[0], batch_size)
     keys = jax.random.split(k_steps, idx.shape[0])
+    xs = (idx, keys)
+    if partners:
+        xs += (batch_indices(jax.random.fold_in(k_perm, 1), x.shape[0], batch_size),)
 
     def body(carry, inp):
-        b, k = inp
-        st, os_, loss, acc = step(*carry, x[b], y[b], k)
+        b, k, *b2 = inp
+        st, os_, loss, acc = step(*carry, x[b], y[b], k, *(x[i] for i in b2))
         return (st, os_), (loss, acc)
 
-    (state, opt_state), (losses, accs) = jax.lax.scan(body, (state, opt_state), (idx, keys))
+    (state, opt_state), (losses, accs) = jax.lax.scan(body, (state, opt_state), xs)
     return state, opt_state, jnp.mean(losses, axis=0), jnp.mean(accs, axis=0)
 
 
