@@ -85,11 +85,18 @@ seed):
   97.0/94.0, 97.2/91.6 (seeds 0, 1, 2; its clean model trains the same 100 epochs); 20
   epochs 91.3/56.3, 40 94.8/80.2, 60 95.4/86.7 (seed 0).
 - iab: mask_epochs 5 [25], the CPU scaling of the attack's training (stage 1 costs ~70
-  s an epoch on 2 cores); 20 epochs 95.2/54.5, 60 98.2/69.9, 100 98.2/72.9 (seed 0);
-  the reference's 25 mask epochs change nothing (60 epochs 98.2/71.8): the small CNN
-  has not learnt the generator's trigger. It keys on the mask's position: stamped with
+  s an epoch on 2 cores); 20 epochs 95.2/62.7 (seed 0). With G's lr following the
+  classifier's cosine but cross sources from the same batch: 20 epochs 95.3/62.6, 60
+  98.3/73.4; with G's lr constant (the reference's literal setting), same-batch
+  sources: 20 epochs 95.2/54.5, 60 98.2/69.9, 100 98.2/72.9. Cross sources from a
+  second shuffle (the reference's second loader, now the only way) change nothing at
+  20 epochs (62.7 against 62.6). The reference's 25 mask epochs change nothing (60
+  epochs, G constant: 98.2/71.8), nor do wider classifiers (widths x2 and x4, 20
+  epochs, G constant: 97.1/72.0, 97.5/70.2): every classifier levels off at 70-73.
+  None learns the generator's pattern; they key on the mask's position: stamped with
   its own mask and another image's pattern an image goes to the target 73% of the time,
-  with its own pattern and another image's mask 33%. Without cross samples
+  with its own pattern and another image's mask 33% (G's patterns are 98% saturated
+  pixels, 0 or 1, and differ between images more than the images do). Without cross samples
   (cross_ratio 0, 20 epochs) it reaches 95.3/97.0: the cross samples' consistency check
   is what the small CNN does not learn. The reference classifier's
   constant lr 0.01 (20 epochs) is worse, 82.1/65.9; G's eval-mode statistics are not
