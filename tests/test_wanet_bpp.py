@@ -249,15 +249,29 @@ def test_only_iab_batches_get_the_standard_augmentation_before_poisoning(monkeyp
         assert len(calls) == expected, (atk.name, calls)  # traced once per compiled epoch
 
 
+def _train_with_hook(monkeypatch, hook, x, **train):
+    """``train_controlled`` of the small CNN on ``x`` (labels 0..9 repeated) with
+    ``hook`` registered under a test name; returns the hook's ``arrays``."""
+    from bdjax import models
+    from bdjax.train import TrainConfig
+
+    monkeypatch.setitem(control._HOOKS, "control_test_hook", hook)
+    y = (np.arange(len(x)) % 10).astype(np.int32)
+    ctx = control.Batch(dataclasses.replace(attacks.get("badnets"), name="control_test_hook"),
+                        0.25, 10, flip=False)
+    _, _, arrays = control.train_controlled(
+        models.get("small_cnn"), x, y, TrainConfig(batch_size=8, lr=0.01, **train),
+        jax.random.key(0), ctx, progress=False, log=lambda m: None)
+    return arrays
+
+
 def test_attack_optimizer_gets_the_classifiers_schedule(monkeypatch):
     """``Hooks.tx`` gets the classifier's lr over its peak (IAB's G follows it): an attack
     parameter with a unit gradient each update moves by lr times the sum of the
     fractions, here 4 updates of a per-batch cosine, 1 + 0.854 + 0.5 + 0.146 = 2.5 (a
-    constant schedule's 1.0: ``test_iab``)."""
+    constant schedule's 1.0: ``test_iab``). Its ``poison`` takes no ``x2``: a hook
+    without ``partners`` gets none."""
     import optax
-
-    from bdjax import models
-    from bdjax.train import TrainConfig
 
     def poison(ctx, p, s, f, xb, yb, k):
         return xb, yb, p["w"], s
@@ -267,26 +281,15 @@ def test_attack_optimizer_gets_the_classifiers_schedule(monkeypatch):
 
     hook = control.Hooks(poison=poison, init=lambda ctx, key, x, y, log: ({"w": 0.0}, {}, {}),
                          tx=tx, arrays=lambda ctx, p, s, f: {"w": p["w"]})
-    monkeypatch.setitem(control._HOOKS, "scheduled_test_hook", hook)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
-    y = (np.arange(16) % 10).astype(np.int32)
-    ctx = control.Batch(dataclasses.replace(attacks.get("badnets"), name="scheduled_test_hook"),
-                        0.25, 10, flip=False)
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, schedule="cosine", schedule_unit="batch",
-                      t_max=0)
-    _, _, arrays = control.train_controlled(models.get("small_cnn"), x, y, cfg,
-                                            jax.random.key(0), ctx, progress=False,
-                                            log=lambda m: None)
+    x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    arrays = _train_with_hook(monkeypatch, hook, x, epochs=2, schedule="cosine",
+                              schedule_unit="batch", t_max=0)
     np.testing.assert_allclose(float(arrays["w"]), -0.1 * 2.5, rtol=1e-5)
 
 
 def test_partner_hook_gets_a_second_pass_over_the_training_set(monkeypatch):
     """``Hooks.partners``: ``poison`` gets ``x2``, a second shuffle of the training
-    images in [0, 1], each image once per epoch (16 images, 2 batches of 8: no fill);
-    a hook without the flag gets no ``x2``."""
-    from bdjax import models
-    from bdjax.train import TrainConfig
+    images in [0, 1], each image once per epoch (16 images, 2 batches of 8: no fill)."""
 
     def poison(ctx, p, s, f, xb, yb, k, x2):
         return xb, yb, jnp.float32(0), {"sum": s["sum"] + jnp.sum(x2),
@@ -295,15 +298,7 @@ def test_partner_hook_gets_a_second_pass_over_the_training_set(monkeypatch):
     hook = control.Hooks(poison=poison, partners=True,
                          init=lambda ctx, key, x, y, log: ({}, {"sum": 0.0, "same": 0}, {}),
                          arrays=lambda ctx, p, s, f: s)
-    monkeypatch.setitem(control._HOOKS, "partner_test_hook", hook)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
-    y = (np.arange(16) % 10).astype(np.int32)
-    ctx = control.Batch(dataclasses.replace(attacks.get("badnets"), name="partner_test_hook"),
-                        0.25, 10, flip=False)
-    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.01, augment=False)
-    _, _, arrays = control.train_controlled(models.get("small_cnn"), x, y, cfg,
-                                            jax.random.key(0), ctx, progress=False,
-                                            log=lambda m: None)
+    x = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    arrays = _train_with_hook(monkeypatch, hook, x, epochs=1, augment=False)
     np.testing.assert_allclose(float(arrays["sum"]), x.sum() / 255.0, rtol=1e-5)
     assert int(arrays["same"]) < 2  # not the batch itself
