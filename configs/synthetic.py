@@ -90,7 +90,8 @@ seed):
   98.3/73.4; with G's lr constant (the reference's literal setting), same-batch
   sources: 20 epochs 95.2/54.5, 60 98.2/69.9, 100 98.2/72.9. Cross sources from a
   second shuffle (the reference's second loader, now the only way) change nothing at
-  20 epochs (62.7 against 62.6). The reference's 25 mask epochs change nothing (60
+  20 epochs (62.7 against 62.6). Seed 1, this code: 95.0/66.0 with G following,
+  95.1/64.2 with G constant. The reference's 25 mask epochs change nothing (60
   epochs, G constant: 98.2/71.8), nor do wider classifiers (widths x2 and x4, 20
   epochs, G constant: 97.1/72.0, 97.5/70.2), nor does the reference's classifier
   (PreAct-ResNet18, 11M parameters, 15 epochs, G following: 98.4/74.2, ~65 minutes):
